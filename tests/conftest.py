@@ -1,0 +1,122 @@
+"""Shared fixtures: a real nfs-ganesha server, per-test exports, log hygiene.
+
+Test files are numbered by layer: 0x foundation (server, WAN emulator), 1x codec,
+2x NFS client against ganesha, 3x caches against a fake backend, 4x `Operations`
+called directly, 5x a real FUSE mount, 6x write-back and crashes, 7x operating it
+(mount helper, metrics, CLI), 8x the bench.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from bench.nfsserver import NfsServer, start_server
+
+
+@pytest.fixture(scope="session")
+def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NfsServer]:
+    """One ganesha for the whole session; tests get their own export subdirectory."""
+    server = start_server(workdir=tmp_path_factory.mktemp("ganesha"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def private_nfs_server(tmp_path: Path) -> Iterator[NfsServer]:
+    """A ganesha of this test's own, for tests that stop, kill or restart it."""
+    server = start_server(workdir=tmp_path / "ganesha")
+    yield server
+    server.stop()
+
+
+@dataclass
+class Export:
+    """A directory of the server's export that belongs to one test."""
+
+    server: NfsServer
+    subdir: str
+
+    @property
+    def path(self) -> Path:
+        """The directory on the server's local disk (read it; write through NFS)."""
+        return self.server.export / self.subdir
+
+    @property
+    def export_path(self) -> str:
+        """The path a MOUNT client asks for."""
+        return f"{self.server.export_path}/{self.subdir}"
+
+    @property
+    def spec(self) -> str:
+        return self.server.spec(self.subdir)
+
+    def url(self, path: str = "") -> str:
+        """nfs:// URL (for libnfs-utils) of `path` inside this test's directory."""
+        return self.server.url(f"{self.subdir}/{path}" if path else self.subdir)
+
+    def nfs_cat(self, path: str) -> bytes:
+        """Read a file the way an independent NFS client sees it."""
+        return run_tool(["nfs-cat", self.url(path)]).stdout
+
+    def nfs_cp_in(self, local: Path, path: str) -> None:
+        """Write a file through NFS as another client would."""
+        run_tool(["nfs-cp", str(local), self.url(path)])
+
+    def nfs_ls(self, path: str = "") -> list[str]:
+        """Names in a directory as an independent NFS client lists them."""
+        out = run_tool(["nfs-ls", self.url(path)]).stdout.decode()
+        return sorted(line.split(None, 5)[5] for line in out.splitlines() if line.strip())
+
+
+def run_tool(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:
+    """Run a command; fail the test with its stderr if it fails."""
+    if shutil.which(argv[0]) is None:
+        pytest.fail(f"{argv[0]} is not installed (scripts/bootstrap installs it)")
+    proc = subprocess.run(argv, capture_output=True, timeout=120, check=False, **kw)  # type: ignore[call-overload]
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.decode()!r}")
+    return proc  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def export(nfs_server: NfsServer, request: pytest.FixtureRequest) -> Export:
+    """A fresh, empty, world-writable directory in the session server's export."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)[:80]
+    path = nfs_server.export / name
+    n = 0
+    while path.exists():
+        n += 1
+        path = nfs_server.export / f"{name}.{n}"
+    path.mkdir(mode=0o777)
+    path.chmod(0o777)
+    return Export(nfs_server, path.name)
+
+
+# Log hygiene (as in S3QL): a warning or error logged by wancache fails the test
+# unless the test says it expects one with the `allow_log_warnings` fixture.
+
+@pytest.fixture
+def allow_log_warnings() -> None:
+    """Mark this test as expecting wancache to log warnings."""
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_log_warnings(request: pytest.FixtureRequest,
+                          caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.INFO, logger="wancache")
+    yield
+    if "allow_log_warnings" in request.fixturenames:
+        return
+    bad = [r for r in caplog.get_records("call")
+           if r.levelno >= logging.WARNING and r.name.startswith("wancache")]
+    if bad:
+        pytest.fail("unexpected log warnings: " + "; ".join(
+            f"{r.name}: {r.getMessage()}" for r in bad[:5]))

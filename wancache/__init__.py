@@ -1,0 +1,1 @@
+"""wancache: a FUSE filesystem that makes a far NFSv3 export feel local."""
