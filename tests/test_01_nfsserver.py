@@ -77,7 +77,7 @@ def test_missing_ganesha_names_the_debian_packages(monkeypatch: pytest.MonkeyPat
                                                    tmp_path: Path) -> None:
     monkeypatch.setattr(nfsserver.shutil, "which", lambda _name: None)
     monkeypatch.setattr(nfsserver, "Path", _NoFiles)
-    with pytest.raises(nfsserver.NfsServerError, match="apt-get install .*nfs-ganesha"):
+    with pytest.raises(nfsserver.NfsServerError, match=r"apt-get install .*nfs-ganesha"):
         nfsserver.NfsServer(export=tmp_path / "e", workdir=tmp_path).start()
 
 

@@ -168,7 +168,7 @@ class CallHeader:
     verf: OpaqueAuth = AUTH_NONE_CRED
 
 
-def encode_call(  # noqa: PLR0917 (the RFC's call_body fields, in wire order)
+def encode_call(
     xid: int,
     prog: int,
     vers: int,

@@ -1,0 +1,441 @@
+"""ONC-RPC over TCP on trio: the only socket code of the NFS backend.
+
+One `RpcTransport` talks to one server program (NFS or MOUNT) over `nconnect` TCP
+connections.  Each connection has one writer task (callers queue whole records, so
+a cancelled caller never leaves half a record on the wire) and one reader task that
+hands replies to their callers by XID, so hundreds of calls can be outstanding.
+
+Failure handling (what we chose and why):
+
+* A connection that stays silent for `timeo` seconds while calls wait is probed
+  with a NULL call; if that gets no answer within another `timeo` it is dropped.
+  Anything received (any reply) counts as life, so a saturated slow link is not
+  mistaken for a dead one.
+* Connections are re-established in the background with capped exponential backoff.
+  A reconnect first tries the previous source port, so servers whose duplicate
+  request cache (DRC) is keyed by client address and port can recognise a
+  retransmission, as the Linux client does.
+* Calls not yet fully sent when a connection drops are simply sent again.  Sent
+  idempotent calls (see `nfs3.IDEMPOTENT`, which counts EXCLUSIVE CREATE as
+  idempotent thanks to its verifier) are re-sent with the *same* XID.  A sent
+  non-idempotent call (REMOVE, RENAME, MKDIR, ...) whose reply was lost has an
+  unknown fate: it is not replayed blindly, `UnknownOutcomeError` is raised and
+  the caller (who knows what it asked for) checks the server's state.
+* Soft mounts (`timeout` set, the default) fail a call with `RpcTimeoutError` or
+  `ServerUnreachableError` once `timeout` seconds passed; hard mounts
+  (`timeout=None`) retry until the caller's own cancel scope gives up.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import math
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from .errors import (
+    ProtocolError,
+    RpcTimeoutError,
+    ServerUnreachableError,
+    TransportClosedError,
+    UnknownOutcomeError,
+)
+from .rpc import (
+    AUTH_NONE_CRED,
+    AuthSys,
+    OpaqueAuth,
+    RecordReader,
+    auth_sys_cred,
+    decode_reply,
+    encode_call,
+    frame_record,
+    peek_xid,
+)
+from .stats import RpcStats
+
+log = logging.getLogger(__name__)
+
+RESERVED_PORTS = range(1023, 664, -1)
+MAX_BATCH = 512 * 1024  # bytes the writer joins into one send
+
+
+@dataclass(frozen=True)
+class Cred:
+    """AUTH_SYS identity of the user on whose behalf a call is made."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+    @classmethod
+    def root(cls) -> Cred:
+        """The daemon's own identity, for calls no user makes (MNT, FSINFO)."""
+        return cls(0, 0, ())
+
+
+@functools.lru_cache(maxsize=4096)
+def _opaque_auth(cred: Cred | None) -> OpaqueAuth:
+    if cred is None:
+        return AUTH_NONE_CRED
+    return auth_sys_cred(AuthSys(stamp=os.getpid() & 0xFFFFFFFF,
+                                 machinename=socket.gethostname().encode()[:255],
+                                 uid=cred.uid, gid=cred.gid, gids=cred.groups[:16]))
+
+
+@dataclass
+class TransportOptions:
+    """Timeouts and connection policy (filled from the mount options)."""
+
+    timeout: float | None = 30.0    # soft mount: a call fails after this; None = hard
+    timeo: float = 5.0              # silence before a connection is probed, then dropped
+    nconnect: int = 1
+    resvport: bool = False
+    connect_timeout: float = 10.0
+    backoff_min: float = 0.1
+    backoff_max: float = 10.0
+    max_in_flight: int = 1024
+    max_record: int = 64 * 2**20
+
+
+class _ConnectionLost(Exception):
+    def __init__(self, sent: bool) -> None:
+        super().__init__("connection lost")
+        self.sent = sent
+
+
+@dataclass(eq=False)
+class _Pending:
+    """One attempt of one call on one connection."""
+
+    xid: int
+    record: bytes
+    event: trio.Event = field(default_factory=trio.Event)
+    reply: bytes | None = None
+    sent: bool = False
+    abandoned: bool = False
+
+
+class _Connection:
+    """A TCP connection: a writer task, a reader task, replies matched by XID."""
+
+    def __init__(self, stream: trio.SocketStream, transport: RpcTransport) -> None:
+        self.stream = stream
+        self.transport = transport
+        self.pending: dict[int, _Pending] = {}
+        self._send, self._queue = trio.open_memory_channel[_Pending](math.inf)
+        self.last_recv = trio.current_time()
+        self.dead = False
+        self._scope = trio.CancelScope()
+        self._probe_lock = trio.Lock()
+
+    def kill(self) -> None:
+        """Drop the connection; its waiting calls see `_ConnectionLost`."""
+        self.dead = True
+        self._scope.cancel()
+
+    async def serve(self) -> None:
+        """Run reader and writer until the connection fails or is killed."""
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guard, self._writer)
+                    await self._guard(self._reader)
+        finally:
+            self.dead = True
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            for p in self.pending.values():
+                p.event.set()
+            self.pending.clear()
+
+    async def _guard(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run the reader or the writer; when either ends, the connection ends."""
+        try:
+            await work()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("connection to %s lost: %s", self.transport.label, exc)
+        except ProtocolError as exc:
+            log.warning("dropping connection to %s: %s", self.transport.label, exc)
+        finally:
+            self.kill()
+
+    def submit(self, xid: int, record: bytes) -> _Pending:
+        """Queue a framed call record for sending and register for its reply."""
+        if self.dead:
+            raise _ConnectionLost(sent=False)
+        p = _Pending(xid, record)
+        self.pending[xid] = p
+        self._send.send_nowait(p)
+        return p
+
+    async def wait(self, p: _Pending) -> bytes:
+        """The reply to `p`; probes the connection when it stays silent."""
+        timeo = self.transport.options.timeo
+        try:
+            while True:
+                with trio.move_on_after(timeo):
+                    await p.event.wait()
+                if p.event.is_set():
+                    if p.reply is None:
+                        raise _ConnectionLost(p.sent)
+                    return p.reply
+                if trio.current_time() - self.last_recv >= timeo:
+                    await self._probe(timeo)
+        finally:
+            p.abandoned = True
+            self.pending.pop(p.xid, None)
+
+    async def _probe(self, timeo: float) -> None:
+        """Send a NULL call; drop the connection if nothing at all comes back."""
+        async with self._probe_lock:
+            if self.dead or trio.current_time() - self.last_recv < timeo:
+                return
+            t = self.transport
+            xid = t.next_xid()
+            record = frame_record(encode_call(xid, t.program, t.version, 0, AUTH_NONE_CRED, b""))
+            t.stats.started(t.proc_name(0), len(record))
+            started = trio.current_time()
+            p = self.submit(xid, record)
+            with trio.move_on_after(timeo):
+                await p.event.wait()
+            self.pending.pop(xid, None)
+            t.stats.finished(t.proc_name(0), trio.current_time() - started,
+                             len(p.reply or b""), ok=p.reply is not None)
+            if p.reply is None and self.last_recv < started:
+                log.info("%s: no answer for %.1fs, reconnecting", t.label, 2 * timeo)
+                self.kill()
+
+    async def _writer(self) -> None:
+        async for first in self._queue:
+            batch = [first]
+            size = len(first.record)
+            while size < MAX_BATCH:
+                try:
+                    p = self._queue.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(p)
+                size += len(p.record)
+            batch = [p for p in batch if not p.abandoned]
+            if not batch:
+                continue
+            await self.stream.send_all(b"".join(p.record for p in batch))
+            for p in batch:
+                p.sent = True
+
+    async def _reader(self) -> None:
+        reader = RecordReader(self.transport.options.max_record)
+        while True:
+            data = await self.stream.receive_some(256 * 1024)
+            if not data:
+                return
+            self.last_recv = trio.current_time()
+            for record in reader.feed(data):
+                p = self.pending.pop(peek_xid(record), None)
+                if p is None:
+                    self.transport.stats.late_replies += 1
+                    continue
+                p.reply = record
+                p.event.set()
+
+
+class RpcTransport:
+    """Calls to one RPC program on one server, multiplexed over TCP connections."""
+
+    def __init__(self, host: str, port: int, program: int, version: int, *,
+                 options: TransportOptions | None = None, stats: RpcStats | None = None,
+                 proc_names: dict[int, str] | None = None, prefix: str = "") -> None:
+        self.host, self.port = host, port
+        self.program, self.version = program, version
+        self.options = options or TransportOptions()
+        self.stats = stats if stats is not None else RpcStats()
+        self.label = f"{host}:{port}"
+        self._proc_names = proc_names or {}
+        self._prefix = prefix or f"{program}."
+        self._xid = int.from_bytes(os.urandom(4), "big")
+        self._conns: list[_Connection] = []
+        self._changed = trio.Event()
+        self._slots = trio.Semaphore(self.options.max_in_flight)
+        self._scope: trio.CancelScope | None = None
+        self._closed = False
+        self._local_ports: dict[int, int] = {}
+        self.last_error: BaseException | None = None
+        self.connected_once = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep `nconnect` connections up until `close()`; start it in a nursery."""
+        with trio.CancelScope() as self._scope:
+            async with trio.open_nursery() as nursery:
+                for i in range(max(1, self.options.nconnect)):
+                    nursery.start_soon(self._keep_connected, i)
+                task_status.started()
+        self._closed = True
+        self._notify()
+
+    def close(self) -> None:
+        """Stop the transport; waiting calls fail with `TransportClosedError`."""
+        self._closed = True
+        if self._scope is not None:
+            self._scope.cancel()
+        for c in self._conns:
+            c.kill()
+        self._notify()
+
+    @property
+    def up(self) -> bool:
+        """True while at least one connection is established."""
+        return any(not c.dead for c in self._conns)
+
+    async def wait_changed(self) -> None:
+        """Return at the next connect or disconnect."""
+        await self._changed.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _keep_connected(self, slot: int) -> None:
+        delay = self.options.backoff_min
+        while not self._closed:
+            try:
+                with trio.fail_after(self.options.connect_timeout):
+                    stream = await self._connect(slot)
+            except (OSError, trio.TooSlowError) as exc:
+                self.last_error = exc
+                log.debug("connect to %s failed: %s", self.label, exc)
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.options.backoff_max)
+                continue
+            conn = _Connection(stream, self)
+            if self.connected_once:
+                self.stats.reconnects += 1
+                log.info("reconnected to %s", self.label)
+            self.connected_once = True
+            self.last_error = None
+            self._conns.append(conn)
+            self._notify()
+            began = trio.current_time()
+            try:
+                await conn.serve()
+            finally:
+                self._conns.remove(conn)
+                self._notify()
+            if trio.current_time() - began > 10:
+                delay = self.options.backoff_min
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, self.options.backoff_max)
+
+    async def _connect(self, slot: int) -> trio.SocketStream:
+        infos = await trio.socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        if not infos:
+            raise OSError(errno.EHOSTUNREACH, f"cannot resolve {self.host}")
+        family, stype, proto, _, addr = infos[0]
+        ports: list[int | None] = []
+        if slot in self._local_ports:
+            ports.append(self._local_ports[slot])
+        if self.options.resvport:
+            ports.extend(RESERVED_PORTS)
+        else:
+            ports.append(None)
+        last: OSError | None = None
+        for local_port in ports:
+            sock = trio.socket.socket(family, stype, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if local_port is not None:
+                    await sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", local_port))
+                await sock.connect(addr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+                    continue
+                raise
+            self._local_ports[slot] = sock.getsockname()[1]
+            return trio.SocketStream(sock)
+        raise last or OSError(errno.EADDRINUSE, "no free source port")
+
+    async def _get_connection(self) -> _Connection:
+        while True:
+            if self._closed:
+                raise TransportClosedError(f"transport to {self.label} is closed")
+            live = [c for c in self._conns if not c.dead]
+            if live:
+                return min(live, key=lambda c: len(c.pending))
+            await self._changed.wait()
+
+    # -- calls ---------------------------------------------------------------------
+
+    def next_xid(self) -> int:
+        """A fresh transaction id."""
+        self._xid = (self._xid + 1) & 0xFFFFFFFF
+        return self._xid
+
+    def proc_name(self, proc: int) -> str:
+        """The counter name of procedure number `proc`, e.g. "nfs3.READ"."""
+        return self._prefix + self._proc_names.get(proc, str(proc))
+
+    async def call(self, proc: int, args: bytes, cred: Cred | None, *,
+                   idempotent: bool) -> memoryview:
+        """Make one call and return the reply's result bytes.
+
+        Raises RpcDeniedError/RpcAcceptError (server refused the call), ProtocolError,
+        RpcTimeoutError/ServerUnreachableError (soft timeout), UnknownOutcomeError.
+        """
+        name = self.proc_name(proc)
+        xid = self.next_xid()
+        record = frame_record(encode_call(xid, self.program, self.version, proc,
+                                          _opaque_auth(cred), args))
+        self.stats.started(name, len(record))
+        started = trio.current_time()
+        reply: bytes | None = None
+        try:
+            async with self._slots:
+                with self._deadline():
+                    reply = await self._attempts(xid, record, name, idempotent)
+            return decode_reply(reply).body
+        finally:
+            self.stats.finished(name, trio.current_time() - started, len(reply or b""),
+                                ok=reply is not None)
+
+    @contextmanager
+    def _deadline(self) -> Iterator[None]:
+        timeout = self.options.timeout
+        if timeout is None:
+            yield
+            return
+        try:
+            with trio.fail_after(timeout):
+                yield
+        except trio.TooSlowError:
+            if not self.up:
+                why = f": {self.last_error}" if self.last_error else ""
+                raise ServerUnreachableError(
+                    f"server {self.label} unreachable for {timeout:g}s{why}") from None
+            raise RpcTimeoutError(
+                f"no reply from {self.label} within {timeout:g}s") from None
+
+    async def _attempts(self, xid: int, record: bytes, name: str, idempotent: bool) -> bytes:
+        first = True
+        while True:
+            conn = await self._get_connection()
+            if not first:
+                self.stats.retransmitted(name, len(record))
+            first = False
+            try:
+                return await conn.wait(conn.submit(xid, record))
+            except _ConnectionLost as lost:
+                if lost.sent and not idempotent:
+                    raise UnknownOutcomeError(
+                        f"{name}: connection to {self.label} lost after the call was sent; "
+                        "its outcome is unknown") from None
