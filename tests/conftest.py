@@ -12,13 +12,14 @@ import logging
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bench.nfsserver import NfsServer, start_server
+from bench.wcmount import WancacheMount
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +121,60 @@ def _fail_on_log_warnings(request: pytest.FixtureRequest,
     if bad:
         pytest.fail("unexpected log warnings: " + "; ".join(
             f"{r.name}: {r.getMessage()}" for r in bad[:5]))
+
+
+# A real wancache mount over the test's export, in a child process.
+
+MountFactory = Callable[..., WancacheMount]
+LOG_PROBLEMS = re.compile(r"Traceback|\b(ERROR|CRITICAL)\b")
+LOG_WARNINGS = re.compile(r"\bWARNING\b")
+
+
+@pytest.fixture
+def mount_factory(export: Export, tmp_path: Path,
+                  request: pytest.FixtureRequest) -> Iterator[MountFactory]:
+    """`make(options, ...)` mounts wancache (foreground child) and returns the mount.
+
+    Every mount is unmounted at the end of the test, and its log must show no
+    traceback or error (nor warning, unless the test uses `allow_log_warnings`).
+    """
+    made: list[WancacheMount] = []
+
+    def make(options: list[str] | tuple[str, ...] = (), *, target: Export | None = None,
+             nfs_port: int | None = None, mount_port: int | None = None,
+             name: str = "", start: bool = True) -> WancacheMount:
+        exp = target or export
+        mnt_dir = tmp_path / (name or f"mnt{len(made)}")
+        cache = tmp_path / f"cache-{name or len(made)}"
+        opts = [f"nfsport={nfs_port or exp.server.nfs_port}",
+                f"mountport={mount_port or exp.server.mount_port}",
+                f"cache_dir={cache}", *options]
+        m = WancacheMount(exp.spec, mnt_dir, opts, log_path=tmp_path / f"{mnt_dir.name}.log")
+        made.append(m)
+        return m.start() if start else m
+
+    yield make
+    errors = []
+    for m in made:
+        try:
+            m.unmount()
+        except Exception as exc:
+            errors.append(f"unmount {m.mountpoint}: {exc}")
+        text = m.log()
+        if LOG_PROBLEMS.search(text) or (LOG_WARNINGS.search(text) and
+                                         "allow_log_warnings" not in request.fixturenames):
+            errors.append(f"{m.log_path} shows problems:\n{text[-3000:]}")
+    if errors:
+        pytest.fail("\n".join(errors))
+
+
+@pytest.fixture
+def mnt(mount_factory: MountFactory) -> WancacheMount:
+    """A wancache mount with default options."""
+    return mount_factory()
+
+
+@pytest.fixture
+def passthrough(mount_factory: MountFactory) -> WancacheMount:
+    """A wancache mount with every cache off."""
+    return mount_factory(["cache=off"])

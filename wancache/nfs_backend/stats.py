@@ -78,6 +78,12 @@ class RpcStats:
         """Sum of calls under `prefix`, leaving out the procedures named in `exclude`."""
         return sum(n for k, n in self.calls(prefix).items() if k not in exclude)
 
+    def reset(self) -> None:
+        """Zero the counters (calls in flight stay counted)."""
+        self.procs.clear()
+        self.max_in_flight = self.in_flight
+        self.reconnects = self.late_replies = 0
+
     def snapshot(self) -> Counter[str]:
         """A copy of the per-procedure call counts (all programs), for diffs in tests."""
         return Counter({k: v.calls for k, v in self.procs.items() if v.calls})

@@ -1,0 +1,483 @@
+"""pyfuse3 `Operations`: POSIX file system calls on top of the `Store`.
+
+Every handler runs with the credentials of the calling process (uid, gid and the
+supplementary groups from /proc/PID/status) and is wrapped by `guard_operations`,
+so an exception can never end `pyfuse3.main()`.  The kernel checks permissions
+itself too (`default_permissions`).
+
+Open flags, deliberately:
+
+* File handles belong to an open, not to an inode: each `open` gets its own handle
+  with the opener's credentials and flags.
+* O_APPEND: the kernel passes the offset of its own idea of the end of file; we
+  write at the end as wancache knows it (refreshed from the server), like NFS:
+  appends from two different clients at once are not atomic.
+* O_DIRECT: the kernel page cache is bypassed (`direct_io`) and so are wancache's
+  caches: reads go to the server, writes are written through and committed.
+* O_EXCL with O_CREAT: a GUARDED CREATE, so the server answers EEXIST if the name
+  exists there (the kernel's own check only sees what it has cached).
+* O_TRUNC: the kernel sends a separate setattr(size=0) first.
+* Unlinking an open file renames it to `.wancache-unlinked-*` (as NFS clients do);
+  it stays readable and writable until the last close, which removes it.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pyfuse3
+
+from wancache.cache.node import Node
+from wancache.cache.store import DirCursor, Store
+from wancache.config import Config
+from wancache.nfs_backend import nfs3
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime, Sattr3
+from wancache.nfs_backend.transport import Cred
+
+from .errors import guard_operations
+from .inodes import InodeTable
+
+log = logging.getLogger(__name__)
+
+BLKSIZE = 128 * 1024          # st_blksize: tools size their I/O by it
+GROUPS_TTL = 2.0              # seconds a process's supplementary groups are trusted
+XATTR_ERRNO = errno.ENOTSUP   # NFSv3 has no extended attributes
+
+_FTYPES = {stat.S_IFREG: Ftype3.REG, stat.S_IFDIR: Ftype3.DIR, stat.S_IFLNK: Ftype3.LNK,
+           stat.S_IFIFO: Ftype3.FIFO, stat.S_IFSOCK: Ftype3.SOCK, stat.S_IFCHR: Ftype3.CHR,
+           stat.S_IFBLK: Ftype3.BLK}
+_MODE_BITS = {v: k for k, v in _FTYPES.items()}
+
+
+@dataclass(eq=False)
+class OpenFile:
+    """One open(2) of a file: its node, the opener's credentials and flags."""
+
+    node: Node
+    cred: Cred
+    flags: int
+    silly: tuple[Node, bytes] | None = None   # unlinked while open: remove at close
+
+    @property
+    def append(self) -> bool:
+        return bool(self.flags & os.O_APPEND)
+
+    @property
+    def direct(self) -> bool:
+        return bool(self.flags & os.O_DIRECT)
+
+    @property
+    def writable(self) -> bool:
+        return (self.flags & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+
+
+@dataclass(eq=False)
+class OpenDir:
+    """One opendir(3): the cursor of the store's listing."""
+
+    cursor: DirCursor
+    cred: Cred
+
+
+@dataclass
+class _Groups:
+    groups: tuple[int, ...]
+    expires: float
+
+
+def to_entry(ino: int, attrs: Fattr3, attr_ttl: float = 0.0,
+             entry_ttl: float = 0.0) -> pyfuse3.EntryAttributes:
+    """NFS attributes -> what the kernel wants, for inode `ino`."""
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = ino
+    e.generation = 0
+    e.entry_timeout = entry_ttl
+    e.attr_timeout = attr_ttl
+    e.st_mode = _MODE_BITS.get(attrs.type, stat.S_IFREG) | (attrs.mode & 0o7777)
+    e.st_nlink = attrs.nlink
+    e.st_uid = attrs.uid
+    e.st_gid = attrs.gid
+    e.st_rdev = os.makedev(*attrs.rdev) if attrs.type in (Ftype3.CHR, Ftype3.BLK) else 0
+    e.st_size = attrs.size
+    e.st_blksize = BLKSIZE
+    e.st_blocks = (attrs.used + 511) // 512
+    e.st_atime_ns = attrs.atime.to_ns()
+    e.st_mtime_ns = attrs.mtime.to_ns()
+    e.st_ctime_ns = attrs.ctime.to_ns()
+    return e
+
+
+def to_sattr(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Sattr3:
+    """The attributes a setattr request changes (pyfuse3 already turned UTIME_NOW into
+    the current time; UTIME_OMIT leaves a field unchanged)."""
+    return Sattr3(
+        mode=attr.st_mode & 0o7777 if fields.update_mode else None,
+        uid=attr.st_uid if fields.update_uid else None,
+        gid=attr.st_gid if fields.update_gid else None,
+        size=attr.st_size if fields.update_size else None,
+        atime=NfsTime.from_ns(attr.st_atime_ns) if fields.update_atime else None,
+        mtime=NfsTime.from_ns(attr.st_mtime_ns) if fields.update_mtime else None)
+
+
+@guard_operations
+class Operations(pyfuse3.Operations):
+    """The FUSE file system: one instance per mount."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False   # writes must reach our journal before write() returns
+    enable_acl = False
+
+    def __init__(self, store: Store, cfg: Config) -> None:
+        super().__init__()
+        self.store = store
+        self.cfg = cfg
+        self.inodes = InodeTable(store.root)
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._handles = itertools.count(1)
+        self._groups: OrderedDict[tuple[int, int, int], _Groups] = OrderedDict()
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def cred(self, ctx: pyfuse3.RequestContext) -> Cred:
+        """The AUTH_SYS identity of the calling process."""
+        key = (ctx.pid, ctx.uid, ctx.gid)
+        now = time.monotonic()
+        cached = self._groups.get(key)
+        if cached is None or cached.expires < now:
+            groups: tuple[int, ...] = (ctx.gid,)
+            if ctx.pid:
+                try:
+                    found = pyfuse3.get_sup_groups(ctx.pid)
+                    groups = (ctx.gid, *sorted(g for g in found if g != ctx.gid))
+                except (OSError, ValueError):
+                    pass   # the process is gone: its primary group is all we know
+            cached = _Groups(groups, now + GROUPS_TTL)
+            self._groups[key] = cached
+            if len(self._groups) > 1024:
+                self._groups.popitem(last=False)
+        return Cred(ctx.uid, ctx.gid, cached.groups[:16])
+
+    def _entry(self, node: Node, attrs: Fattr3, parent: Node | None = None,
+               name: bytes = b"") -> pyfuse3.EntryAttributes:
+        """An entry reply: counts one kernel lookup of `node`."""
+        ino = self.inodes.remember(node)
+        entry_ttl = self.store.entry_ttl(parent, name) if parent is not None else 0.0
+        return to_entry(ino, attrs, self.store.attr_ttl(node), entry_ttl)
+
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > self.store.info.name_max:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+
+    def _writable_mount(self) -> None:
+        if self.cfg.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    # -- metadata ------------------------------------------------------------------
+
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self.inodes.node(parent_inode)
+        self._check_name(name)
+        node, attrs = await self.store.lookup(parent, name, self.cred(ctx))
+        return self._entry(node, attrs, parent, name)
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.inodes.forget(ino, nlookup)
+
+    async def getattr(self, inode: int,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.inodes.node(inode)
+        attrs = await self.store.getattr(node, self.cred(ctx))
+        return to_entry(inode, attrs, self.store.attr_ttl(node))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable_mount()
+        node = self.inodes.node(inode)
+        sattr = to_sattr(attr, fields)
+        cred = self.cred(ctx)
+        if sattr == Sattr3():   # only ctime (or nothing) was asked for
+            attrs = await self.store.getattr(node, cred)
+        else:
+            attrs = await self.store.setattr(node, sattr, cred)
+        return to_entry(inode, attrs, self.store.attr_ttl(node))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.store.readlink(self.inodes.node(inode), self.cred(ctx))
+
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        mask = 0
+        if mode & os.R_OK:
+            mask |= nfs3.ACCESS3_READ
+        if mode & os.W_OK:
+            mask |= nfs3.ACCESS3_MODIFY
+        if mode & os.X_OK:
+            mask |= nfs3.ACCESS3_EXECUTE
+        node = self.inodes.node(inode)
+        if mode & os.X_OK and node.is_dir:
+            mask = (mask & ~nfs3.ACCESS3_EXECUTE) | nfs3.ACCESS3_LOOKUP
+        if not mask:
+            await self.store.getattr(node, self.cred(ctx))
+            return True
+        granted = await self.store.access(node, mask, self.cred(ctx))
+        return granted & mask == mask
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        fs = await self.store.statfs(self.cred(ctx))
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = BLKSIZE
+        st.f_frsize = 4096
+        st.f_blocks = fs.tbytes // st.f_frsize
+        st.f_bfree = fs.fbytes // st.f_frsize
+        st.f_bavail = fs.abytes // st.f_frsize
+        st.f_files = fs.tfiles
+        st.f_ffree = fs.ffiles
+        st.f_favail = fs.afiles
+        st.f_namemax = self.store.info.name_max
+        return st
+
+    # -- namespace -----------------------------------------------------------------
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable_mount()
+        self._check_name(name)
+        ftype = _FTYPES.get(stat.S_IFMT(mode))
+        if ftype is None or ftype is Ftype3.DIR or ftype is Ftype3.LNK:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        parent = self.inodes.node(parent_inode)
+        perm = mode & ~ctx.umask
+        if ftype is Ftype3.REG:
+            node, attrs = await self.store.create(parent, name, perm, self.cred(ctx),
+                                                  exclusive=True)
+        else:
+            node, attrs = await self.store.mknod(parent, name, ftype, perm,
+                                                 (os.major(rdev), os.minor(rdev)),
+                                                 self.cred(ctx))
+        return self._entry(node, attrs, parent, name)
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable_mount()
+        self._check_name(name)
+        parent = self.inodes.node(parent_inode)
+        node, attrs = await self.store.mkdir(parent, name, mode & ~ctx.umask, self.cred(ctx))
+        return self._entry(node, attrs, parent, name)
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable_mount()
+        self._check_name(name)
+        parent = self.inodes.node(parent_inode)
+        node, attrs = await self.store.symlink(parent, name, target, self.cred(ctx))
+        return self._entry(node, attrs, parent, name)
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        self._writable_mount()
+        self._check_name(new_name)
+        node = self.inodes.node(inode)
+        parent = self.inodes.node(new_parent_inode)
+        attrs = await self.store.link(node, parent, new_name, self.cred(ctx))
+        return self._entry(node, attrs, parent, new_name)
+
+    async def unlink(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> None:
+        self._writable_mount()
+        parent = self.inodes.node(parent_inode)
+        cred = self.cred(ctx)
+        node = await self._open_child(parent, name, cred)
+        if node is not None:
+            hidden = await self.store.silly_rename(parent, name, node, cred)
+            for of in self._files.values():
+                if of.node is node and of.silly is None:
+                    of.silly = (parent, hidden)
+                    break
+            return
+        await self.store.remove(parent, name, cred)
+
+    async def _open_child(self, parent: Node, name: bytes, cred: Cred) -> Node | None:
+        """The node behind `name` if some open file refers to it (NOENT otherwise
+        surfaces from the store)."""
+        if not any(of.silly is None for of in self._files.values()):
+            return None
+        node, attrs = await self.store.lookup(parent, name, cred)
+        if attrs.type is Ftype3.DIR or self.inodes.open_count(node) == 0:
+            return None
+        if attrs.nlink > 1:
+            return None   # other names keep the file alive on the server
+        return node
+
+    async def rmdir(self, parent_inode: int, name: bytes,
+                    ctx: pyfuse3.RequestContext) -> None:
+        self._writable_mount()
+        await self.store.rmdir(self.inodes.node(parent_inode), name, self.cred(ctx))
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        self._writable_mount()
+        self._check_name(name_new)
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)   # NFSv3 cannot swap two names
+        if flags & ~pyfuse3.RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        src = self.inodes.node(parent_inode_old)
+        dst = self.inodes.node(parent_inode_new)
+        await self.store.rename(src, name_old, dst, name_new, self.cred(ctx),
+                                noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+
+    # -- files ---------------------------------------------------------------------
+
+    def _file_info(self, node: Node, of: OpenFile) -> pyfuse3.FileInfo:
+        fh = next(self._handles)
+        self._files[fh] = of
+        self.inodes.opened(node)
+        info = pyfuse3.FileInfo(fh=fh)
+        info.direct_io = of.direct or not self.cfg.cache
+        info.keep_cache = False
+        return info
+
+    async def open(self, inode: int, flags: int,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self.inodes.node(inode)
+        of = OpenFile(node, self.cred(ctx), flags)
+        if of.writable:
+            self._writable_mount()
+        return self._file_info(node, of)
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._writable_mount()
+        self._check_name(name)
+        parent = self.inodes.node(parent_inode)
+        cred = self.cred(ctx)
+        node, attrs = await self.store.create(parent, name, mode & ~ctx.umask, cred,
+                                              exclusive=bool(flags & os.O_EXCL))
+        entry = self._entry(node, attrs, parent, name)
+        return self._file_info(node, OpenFile(node, cred, flags)), entry
+
+    def _file(self, fh: int) -> OpenFile:
+        of = self._files.get(fh)
+        if of is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return of
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self._file(fh)
+        return await self.store.read(of.node, off, size, of.cred)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        of = self._file(fh)
+        if of.append:
+            off = (await self.store.getattr(of.node, of.cred)).size
+        stable = nfs3.StableHow.FILE_SYNC if of.direct else nfs3.StableHow.UNSTABLE
+        return await self.store.write(of.node, off, buf, of.cred, stable=stable)
+
+    async def flush(self, fh: int) -> None:
+        of = self._file(fh)
+        if of.writable:
+            await self.store.commit(of.node, of.cred)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        of = self._file(fh)
+        await self.store.commit(of.node, of.cred)
+
+    async def release(self, fh: int) -> None:
+        of = self._files.pop(fh, None)
+        if of is None:
+            return
+        remaining = self.inodes.closed(of.node)
+        try:
+            if of.writable:
+                await self.store.commit(of.node, of.cred)
+        finally:
+            if remaining == 0:
+                self.store.release(of.node)
+                silly = of.silly or next(
+                    (o.silly for o in self._files.values() if o.node is of.node and o.silly),
+                    None)
+                if silly is not None:
+                    await self.store.remove(silly[0], silly[1], of.cred)
+
+    # -- directories ---------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self.inodes.node(inode)
+        cred = self.cred(ctx)
+        cursor = await self.store.opendir(node, cred)
+        fh = next(self._handles)
+        self._dirs[fh] = OpenDir(cursor, cred)
+        return fh
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        od = self._dirs.get(fh)
+        if od is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        cookie = start_id
+        parent = od.cursor.node
+        while True:
+            entries, eof = await self.store.readdir(od.cursor, cookie, od.cred)
+            for e in entries:
+                if e.name in (b".", b".."):
+                    # The kernel does not count lookups for these two.
+                    ino = self.inodes.peek(parent) if e.name == b"." else None
+                    attrs = e.attrs or await self.store.getattr(parent, od.cred)
+                    if not pyfuse3.readdir_reply(token, e.name,
+                                                 to_entry(ino or e.fileid, attrs), e.cookie):
+                        return
+                    cookie = e.cookie
+                    continue
+                node, attrs = e.node, e.attrs
+                if node is None or attrs is None:
+                    node, attrs = await self.store.lookup(parent, e.name, od.cred)
+                ino = self.inodes.ino_of(node)
+                entry = to_entry(ino, attrs, self.store.attr_ttl(node),
+                                 self.store.entry_ttl(parent, e.name))
+                if not pyfuse3.readdir_reply(token, e.name, entry, e.cookie):
+                    self.inodes.drop_unreferenced(node)
+                    return
+                self.inodes.remember(node)
+                cookie = e.cookie
+            if eof or not entries:
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        if fh not in self._dirs:
+            raise pyfuse3.FUSEError(errno.EBADF)
+
+    # -- extended attributes: NFSv3 has none ---------------------------------------
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(XATTR_ERRNO)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(XATTR_ERRNO)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        raise pyfuse3.FUSEError(XATTR_ERRNO)
+
+    async def removexattr(self, inode: int, name: bytes,
+                          ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(XATTR_ERRNO)
+
+
+__all__ = ["OpenDir", "OpenFile", "Operations", "to_entry", "to_sattr"]

@@ -1,0 +1,148 @@
+"""The composition root: builds a mount from its parts and serves it.
+
+Order: check the mount point, connect to the server (discovery, MOUNT, FSINFO),
+build the store and the FUSE operations, mount, report readiness, serve until
+unmounted (`fusermount3 -u`, `umount`) or told to stop (SIGTERM/SIGINT), then
+unmount cleanly.  Every worker runs in one nursery.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from wancache.cache.store import Store
+from wancache.config import Config, ConfigError
+from wancache.control import ControlServer, Handler, Progress, socket_path
+from wancache.fs.operations import Operations
+from wancache.nfs_backend.client import ClientOptions, NfsClient, open_client
+from wancache.nfs_backend.stats import RpcStats
+from wancache.nfs_backend.transport import TransportOptions
+
+log = logging.getLogger(__name__)
+
+MAX_FUSE_TASKS = 512   # FUSE requests served at once (each waits on the WAN)
+
+
+class MountPointError(ConfigError):
+    """The mount point cannot be used."""
+
+
+def mounted_at(path: Path) -> str | None:
+    """The file system type mounted exactly at `path`, if any (from /proc/mounts)."""
+    target = os.path.realpath(path)
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    found = None
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 3 and parts[1].replace("\\040", " ") == target:
+            found = parts[2]
+    return found
+
+
+def check_mountpoint(path: Path) -> None:
+    """MountPointError (one line) unless `path` is an existing, unused directory."""
+    if not path.exists():
+        raise MountPointError(f"mount point {path} does not exist")
+    if not path.is_dir():
+        raise MountPointError(f"mount point {path} is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise MountPointError(f"mount point {path} is not accessible")
+    fstype = mounted_at(path)
+    if fstype is not None:
+        raise MountPointError(f"mount point {path} is busy: {fstype} is mounted there")
+
+
+def transport_options(cfg: Config) -> TransportOptions:
+    return TransportOptions(timeout=None if cfg.hard else cfg.timeout, timeo=cfg.timeo,
+                            nconnect=cfg.nconnect, resvport=cfg.resvport)
+
+
+def fuse_options(cfg: Config) -> set[str]:
+    """Options for pyfuse3.init: the kernel checks permissions, every user may enter."""
+    opts = set(pyfuse3.default_options) | {f"fsname={cfg.fsname}", "subtype=wancache"}
+    opts.add("default_permissions")
+    if cfg.allow_other:
+        opts.add("allow_other")
+    if cfg.read_only:
+        opts.add("ro")
+    return opts
+
+
+async def connect(nursery: trio.Nursery, cfg: Config, stats: RpcStats) -> NfsClient:
+    """Discover the server, mount the export and start the client in `nursery`."""
+    options = ClientOptions(nfs_port=cfg.nfs_port, mount_port=cfg.mount_port,
+                            rsize=cfg.rsize, wsize=cfg.wsize,
+                            transport=transport_options(cfg))
+    return await open_client(nursery, cfg.host, cfg.export, options, stats)
+
+
+async def _stop_on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                           ) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        task_status.started()
+        async for signum in signals:
+            log.info("received %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[str, Handler]:
+    """What the control socket answers."""
+    async def ping(req: dict[str, Any], progress: Progress) -> Any:
+        return "pong"
+
+    async def stats(req: dict[str, Any], progress: Progress) -> Any:
+        st = client.stats
+        return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
+                "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
+                "server_up": client.up, "inodes": len(ops.inodes),
+                "open_files": ops.open_files}
+
+    async def reset_stats(req: dict[str, Any], progress: Progress) -> Any:
+        client.stats.reset()
+        return None
+
+    return {"ping": ping, "stats": stats, "reset_stats": reset_stats}
+
+
+async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
+    """Mount `cfg` and serve it until unmounted or signalled."""
+    check_mountpoint(cfg.mountpoint)
+    # Nothing below may touch the mount point's path once it is mounted: the
+    # kernel would ask this very process, which is busy asking: a deadlock.
+    control_path = socket_path(cfg.mountpoint)
+    stats = RpcStats()
+    async with trio.open_nursery() as nursery:
+        client = await connect(nursery, cfg, stats)
+        store = await Store.open(client, cfg)
+        ops = Operations(store, cfg)
+        try:
+            pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
+        except RuntimeError as exc:
+            raise OSError(errno.EIO, f"cannot mount FUSE at {cfg.mountpoint}: {exc}") from None
+        log.info("mounted %s at %s", cfg.spec, cfg.mountpoint)
+        try:
+            await nursery.start(_stop_on_signals)
+            await nursery.start(ControlServer(control_path,
+                                              control_handlers(cfg, client, ops)).run)
+            if ready is not None:
+                ready()
+            await pyfuse3.main(min_tasks=4, max_tasks=MAX_FUSE_TASKS)
+        finally:
+            with trio.CancelScope(shield=True):
+                pyfuse3.close(unmount=True)
+                client.close()
+            log.info("unmounted %s", cfg.mountpoint)
+            nursery.cancel_scope.cancel()
