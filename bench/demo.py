@@ -1,8 +1,9 @@
-"""The demo: a local ganesha export behind an emulated WAN, seen through NFS.
+"""The demo: a local ganesha export behind an emulated WAN, mounted through wancache.
 
 `python -m bench.demo` starts a private nfs-ganesha exporting a few sample files,
-puts the WAN emulator (branch profile: 50 ms RTT, 100 Mbit/s) in front of it, and
-lists and reads the export through the emulator with libnfs-utils.
+puts the WAN emulator (branch profile: 50 ms RTT, 100 Mbit/s) in front of it,
+mounts it with wancache and shows `ls -l` and `cat` working, with the round trips
+each one cost, then unmounts and stops everything.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 from pathlib import Path
 
-from bench.nfsserver import NfsServer, NfsServerError, start_server
+from bench.nfsserver import NfsServerError, start_server
 from bench.wanem import PROFILES, WanEmulatorThread
+from bench.wcmount import MountFailed, WancacheMount
 
 
 def _sample_files(export: Path) -> None:
@@ -26,13 +27,6 @@ def _sample_files(export: Path) -> None:
     docs.mkdir(exist_ok=True)
     for i in range(5):
         (docs / f"report-{i}.txt").write_text(f"report {i}\n" * 100)
-
-
-def _url(server: NfsServer, path: str, nfs_port: int, mount_port: int) -> str:
-    full = server.export_path.rstrip("/") + ("/" + path if path else "")
-    query = urllib.parse.urlencode({"nfsport": nfs_port, "mountport": mount_port,
-                                    "version": 3})
-    return f"nfs://127.0.0.1{urllib.parse.quote(full)}?{query}"
 
 
 def _run(argv: list[str]) -> float:
@@ -52,11 +46,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="branch")
     args = parser.parse_args(argv)
-    for tool in ("nfs-ls", "nfs-cat"):
-        if shutil.which(tool) is None:
-            print(f"demo: {tool} not found: run scripts/bootstrap (apt-get install "
-                  "libnfs-utils)", file=sys.stderr)
-            return 1
     profile = PROFILES[args.profile]
     workdir = Path(tempfile.mkdtemp(prefix="wancache-demo-"))
     try:
@@ -70,11 +59,25 @@ def main(argv: list[str] | None = None) -> int:
         with WanEmulatorThread(("127.0.0.1", server.nfs_port), profile) as nfs_wan, \
                 WanEmulatorThread(("127.0.0.1", server.mount_port), profile) as mnt_wan:
             print(f"WAN emulator ({profile.describe()}): NFS on 127.0.0.1:{nfs_wan.port}, "
-                  f"MOUNT on 127.0.0.1:{mnt_wan.port}\n")
-            _run(["nfs-ls", _url(server, "docs", nfs_wan.port, mnt_wan.port)])
-            _run(["nfs-cat", _url(server, "README.txt", nfs_wan.port, mnt_wan.port)])
-            calls = sum(nfs_wan.counts.values()) + sum(mnt_wan.counts.values())
-            print(f"\n{calls} RPCs crossed the emulated WAN.")
+                  f"MOUNT on 127.0.0.1:{mnt_wan.port}")
+            mountpoint = workdir / "mnt"
+            options = [f"nfsport={nfs_wan.port}", f"mountport={mnt_wan.port}",
+                       f"cache_dir={workdir / 'cache'}", "metrics=off"]
+            print(f"$ wancache mount {server.spec()} {mountpoint} -o {','.join(options)}\n")
+            with WancacheMount(server.spec(), mountpoint, options,
+                               log_path=workdir / "wancache.log") as mnt:
+                for argv in (["ls", "-l", str(mountpoint / "docs")],
+                             ["cat", str(mountpoint / "README.txt")],
+                             ["ls", "-l", str(mountpoint / "docs")]):
+                    mnt.reset_rpc_calls()
+                    _run(argv)
+                    calls = mnt.rpc_calls()
+                    print(f"  {sum(calls.values())} round trips to the server "
+                          f"({', '.join(f'{k} {v}' for k, v in sorted(calls.items()))})\n")
+            print("unmounted.")
+    except MountFailed as exc:
+        print(f"demo: wancache did not mount: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
     finally:
         server.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -73,8 +73,10 @@ class Export:
 
     def nfs_ls(self, path: str = "") -> list[str]:
         """Names in a directory as an independent NFS client lists them."""
-        out = run_tool(["nfs-ls", self.url(path)]).stdout.decode()
-        return sorted(line.split(None, 5)[5] for line in out.splitlines() if line.strip())
+        out = run_tool(["nfs-ls", self.url(path)]).stdout.decode(errors="surrogateescape")
+        rows = (line.split(None, 5) for line in out.splitlines())
+        # A name containing a newline spills onto a line of its own: skip those.
+        return sorted(row[5] for row in rows if len(row) == 6)
 
 
 def run_tool(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:

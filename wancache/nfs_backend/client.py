@@ -384,8 +384,7 @@ async def open_client(nursery: trio.Nursery, host: str, export: bytes | str,
             host, mount3.PROGRAM, mount3.VERSION, options=quick, stats=stats)
         root_fh = await mount_export(host, mount_port, export_b, options=quick, stats=stats)
     except MountError as exc:
-        raise MountError(exc.status, export_b, f"{host}:{export_b.decode(errors='replace')}: "
-                         f"{exc}") from None
+        raise MountError(exc.status, f"{host}:".encode() + export_b) from None
     names = {p.value: p.name for p in Proc}
     transport = RpcTransport(host, nfs_port, nfs3.PROGRAM, nfs3.VERSION, options=topts,
                              stats=stats, proc_names=names, prefix="nfs3.")

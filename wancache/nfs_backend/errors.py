@@ -224,6 +224,15 @@ class NfsError(WancacheError):
         return (type(self), (self.status, self.proc, self.res))
 
 
+_MOUNT_HINTS = {
+    MNT3ERR_NOENT: "no such export or directory on the server (MNT3ERR_NOENT)",
+    MNT3ERR_ACCES: "not exported to this client, or no such directory (MNT3ERR_ACCES)",
+    MNT3ERR_PERM: "not permitted: the server may require a reserved port, try -o resvport "
+                  "(MNT3ERR_PERM)",
+    MNT3ERR_NOTDIR: "not a directory (MNT3ERR_NOTDIR)",
+}
+
+
 class MountError(WancacheError):
     """The MOUNT protocol returned a status other than MNT3_OK."""
 
@@ -232,7 +241,8 @@ class MountError(WancacheError):
         self.path = path
         self.message = message
         name = MNT3ERR_NAMES.get(status, f"MNT3ERR_UNKNOWN({status})")
-        super().__init__(message or f"mount of {path!r} failed: {name}")
+        where = path.decode(errors="replace")
+        super().__init__(message or f"cannot mount {where}: {_MOUNT_HINTS.get(status, name)}")
 
     @property
     def errno(self) -> int:
