@@ -66,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"$ wancache mount {server.spec()} {mountpoint} -o {','.join(options)}\n")
             with WancacheMount(server.spec(), mountpoint, options,
                                log_path=workdir / "wancache.log") as mnt:
-                for argv in (["ls", "-l", str(mountpoint / "docs")],
-                             ["cat", str(mountpoint / "README.txt")],
-                             ["ls", "-l", str(mountpoint / "docs")]):
+                for command in (["ls", "-l", str(mountpoint / "docs")],
+                                ["cat", str(mountpoint / "README.txt")],
+                                ["ls", "-l", str(mountpoint / "docs")]):
                     mnt.reset_rpc_calls()
-                    _run(argv)
+                    _run(command)
                     calls = mnt.rpc_calls()
                     print(f"  {sum(calls.values())} round trips to the server "
                           f"({', '.join(f'{k} {v}' for k, v in sorted(calls.items()))})\n")

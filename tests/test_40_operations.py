@@ -91,9 +91,9 @@ async def test_unexpected_exceptions_become_eio_and_are_logged(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(ops.store, "getattr", broken)
-    with caplog.at_level(logging.ERROR, logger="wancache"):
-        with pytest.raises(pyfuse3.FUSEError) as info:
-            await ops.getattr(pyfuse3.ROOT_INODE, ROOT)
+    with caplog.at_level(logging.ERROR, logger="wancache"), \
+            pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getattr(pyfuse3.ROOT_INODE, ROOT)
     assert info.value.errno == errno.EIO
     assert any("a bug" in (r.exc_text or "") or r.exc_info for r in caplog.records)
 
