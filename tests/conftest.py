@@ -17,9 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trio
 
 from bench.nfsserver import NfsServer, start_server
 from bench.wcmount import WancacheMount
+from wancache.nfs_backend.client import ClientOptions, open_client
+from wancache.nfs_backend.errors import NfsError
+from wancache.nfs_backend.nfs3 import Sattr3, StableHow
+from wancache.nfs_backend.transport import Cred
 
 
 @pytest.fixture(scope="session")
@@ -71,12 +76,35 @@ class Export:
         """Write a file through NFS as another client would."""
         run_tool(["nfs-cp", str(local), self.url(path)])
 
+    def overwrite_as_other_client(self, path: str, data: bytes) -> None:
+        """Replace a file's contents through NFS, as another client would (nfs-cp
+        cannot overwrite): an independent connection of our NFS client."""
+        trio.run(_overwrite, self, path.encode(), data)
+
     def nfs_ls(self, path: str = "") -> list[str]:
         """Names in a directory as an independent NFS client lists them."""
         out = run_tool(["nfs-ls", self.url(path)]).stdout.decode(errors="surrogateescape")
         rows = (line.split(None, 5) for line in out.splitlines())
         # A name containing a newline spills onto a line of its own: skip those.
         return sorted(row[5] for row in rows if len(row) == 6)
+
+
+async def _overwrite(export: Export, path: bytes, data: bytes) -> None:
+    opts = ClientOptions(nfs_port=export.server.nfs_port, mount_port=export.server.mount_port)
+    root = Cred.root()
+    async with trio.open_nursery() as nursery:
+        client = await open_client(nursery, "127.0.0.1", export.export_path, opts)
+        fh = client.root_fh
+        parts = path.split(b"/")
+        for part in parts[:-1]:
+            fh = (await client.lookup(fh, part, root)).object
+        try:
+            target = (await client.lookup(fh, parts[-1], root)).object
+        except NfsError:
+            target = (await client.create(fh, parts[-1], root)).object
+        await client.setattr(target, Sattr3(size=0), root)
+        await client.write(target, 0, data, root, stable=StableHow.FILE_SYNC)
+        client.close()
 
 
 def run_tool(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:

@@ -190,7 +190,7 @@ async def test_stale_handle_after_another_client_removes(export: Export) -> None
 async def test_attributes_of_every_reply_reach_the_sinks(export: Export) -> None:
     async with connect(export) as c:
         seen: list[tuple[bytes, int]] = []
-        c.attr_sinks.append(lambda fh, attrs, before: seen.append((fh, attrs.fileid)))
+        c.attr_sinks.append(lambda fh, attrs, before, when: seen.append((fh, attrs.fileid)))
         f = (await c.create(c.root_fh, b"a", ROOT)).object
         assert f is not None
         await c.write(f, 0, b"data", ROOT)

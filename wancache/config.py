@@ -135,7 +135,7 @@ class Config:
     lease_max: float = 3600.0
     neg_lease: float = 5.0
     attr_entries: int = 100_000
-    dir_entries: int = 10_000
+    dir_entries: int = 1_000_000
     prefetch_depth: int = 2
     prefetch_concurrency: int = 8
     cache_dir: Path | None = None
@@ -203,7 +203,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("lease_max", "lease_max", parse_duration, "upper bound on every lease"),
     Option("neg_lease", "neg_lease", parse_duration, "lease of a remembered ENOENT"),
     Option("attr_entries", "attr_entries", _positive_int, "attribute cache entries (LRU)"),
-    Option("dir_entries", "dir_entries", _positive_int, "cached directory listings (LRU)"),
+    Option("dir_entries", "dir_entries", _positive_int,
+           "names kept in cached directory listings (LRU by directory)"),
     Option("prefetch_depth", "prefetch_depth", int,
            "levels of subdirectories listed ahead of a tree walk (0 = off)"),
     Option("prefetch_concurrency", "prefetch_concurrency", _positive_int,

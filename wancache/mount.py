@@ -22,6 +22,7 @@ import trio
 from wancache.cache.store import Store
 from wancache.config import Config, ConfigError
 from wancache.control import ControlServer, Handler, Progress, socket_path
+from wancache.fs.notify import KernelNotifier
 from wancache.fs.operations import Operations
 from wancache.nfs_backend.client import ClientOptions, NfsClient, open_client
 from wancache.nfs_backend.stats import RpcStats
@@ -126,7 +127,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     stats = RpcStats()
     async with trio.open_nursery() as nursery:
         client = await connect(nursery, cfg, stats)
-        store = await Store.open(client, cfg)
+        store = await Store.open(client, cfg, nursery)
         ops = Operations(store, cfg)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -135,6 +136,7 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
         log.info("mounted %s at %s", cfg.spec, cfg.mountpoint)
         try:
             await nursery.start(_stop_on_signals)
+            await nursery.start(KernelNotifier(store, ops.inodes).run)
             await nursery.start(ControlServer(control_path,
                                               control_handlers(cfg, client, ops)).run)
             if ready is not None:

@@ -1,9 +1,15 @@
 """The cached view of the server that the FUSE layer talks to.
 
 `Store` offers every file system operation on `Node`s, with the caller's
-credentials, and decides what goes to the server: with `cache=off` everything does
-(the pass-through baseline).  It owns the one-Node-per-handle registry and
-re-resolves handles the server declares stale by their last known path.
+credentials, and decides what goes to the server.  With `cache=off` everything does
+(the pass-through baseline).  Otherwise attributes come from the attribute cache
+while their lease holds, names from cached directory listings (revalidated with one
+GETATTR of the directory when its lease ran out), missing names from the negative
+cache, and listings are read whole with READDIRPLUS, which also refreshes every
+child's attributes, so `ls -l` never costs one GETATTR per file.
+
+It owns the one-Node-per-handle registry and re-resolves handles the server
+declares stale by their last known path.
 """
 
 from __future__ import annotations
@@ -22,15 +28,20 @@ from wancache.config import Config
 from wancache.nfs_backend import nfs3
 from wancache.nfs_backend.client import NfsClient
 from wancache.nfs_backend.errors import NfsError
-from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, Sattr3, StableHow
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, Sattr3, StableHow, WccData
 from wancache.nfs_backend.transport import Cred
 
+from .attrs import AttrCache, version
+from .dirs import DirCache, DirRecord, Listing
+from .flight import SingleFlight
 from .node import Node
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 COMMIT_EVERY = 8 << 20   # uncommitted bytes after which a COMMIT is sent anyway
+READDIR_PAGE = 512       # entries handed to the FUSE layer per readdir step
+NOENT = Nfsstat3.NFS3ERR_NOENT
 
 
 class StoreError(OSError):
@@ -53,10 +64,11 @@ class DirEntry:
 
 @dataclass
 class DirCursor:
-    """State of one open directory (one `opendir`)."""
+    """State of one open directory (one `opendir`): the listing it reads from."""
 
     node: Node
     verf: bytes = bytes(8)
+    listing: Listing | None = None
 
 
 @dataclass(slots=True)
@@ -77,20 +89,32 @@ class _FileState:
 class Store:
     """Every operation the FUSE layer needs, on Nodes, for one mount."""
 
-    def __init__(self, client: NfsClient, cfg: Config, root_attrs: Fattr3) -> None:
+    def __init__(self, client: NfsClient, cfg: Config, root_attrs: Fattr3,
+                 nursery: trio.Nursery | None = None) -> None:
         self.client = client
         self.cfg = cfg
         self.info = client.info
+        self.caching = cfg.cache
         self.root = Node.from_attrs(client.root_fh, root_attrs)
         self._nodes: weakref.WeakValueDictionary[bytes, Node] = weakref.WeakValueDictionary()
         self._nodes[self.root.fh] = self.root
         self._files: dict[Node, _FileState] = {}
         self._silly_counter = 0
+        self.attrs = AttrCache(cfg, enabled=cfg.cache)
+        self.dirs = DirCache(cfg)
+        self._listings: SingleFlight[bytes, Listing] = SingleFlight()
+        self._nursery = nursery
+        self._prefetch_slots = trio.Semaphore(max(1, cfg.prefetch_concurrency))
+        # Names that disappeared from a re-read listing: (directory node, name).
+        self.entry_listeners: list[Callable[[Node, bytes], None]] = []
+        client.attr_sinks.append(self.attrs.update)
+        self.attrs.update(self.root.fh, root_attrs, None, trio.current_time())
 
     @classmethod
-    async def open(cls, client: NfsClient, cfg: Config) -> Store:
-        """A store for the export `client` mounted."""
-        return cls(client, cfg, await client.getattr(client.root_fh, Cred.root()))
+    async def open(cls, client: NfsClient, cfg: Config,
+                   nursery: trio.Nursery | None = None) -> Store:
+        """A store for the export `client` mounted; background work runs in `nursery`."""
+        return cls(client, cfg, await client.getattr(client.root_fh, Cred.root()), nursery)
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -105,13 +129,33 @@ class Store:
             node.parent, node.name = parent, name
         return node
 
+    def known_node(self, fh: bytes) -> Node | None:
+        """The Node of `fh` if something still refers to it."""
+        return self._nodes.get(fh)
+
     def attr_ttl(self, node: Node) -> float:
-        """Seconds the kernel may trust `node`'s attributes (0: always ask)."""
-        return 0.0
+        """Seconds the kernel may trust `node`'s attributes: what is left of our lease
+        (none for files in cto mode, whose attributes each open may refresh)."""
+        if not self.caching or (self.cfg.consistency == "cto" and not node.is_dir):
+            return 0.0
+        return self.attrs.remaining(node.fh)
 
     def entry_ttl(self, parent: Node, name: bytes) -> float:
-        """Seconds the kernel may trust the name -> inode binding."""
-        return 0.0
+        """Seconds the kernel may trust the name -> inode binding: the directory's lease."""
+        return self.attrs.remaining(parent.fh) if self.caching else 0.0
+
+    def negative_ttl(self, parent: Node, name: bytes) -> float:
+        """Seconds the kernel may remember that `name` is missing (0: do not)."""
+        if not self.caching:
+            return 0.0
+        left = self.dirs.missing_for(parent.fh, name)
+        listing = self.dirs.get(parent.fh)
+        if listing is not None and name not in listing.by_name:
+            entry = self.attrs.peek(parent.fh)
+            if entry is not None and version(entry.attrs) == listing.version:
+                confirmed = entry.fetched + self.cfg.neg_lease - trio.current_time()
+                left = max(left, min(confirmed, entry.remaining(trio.current_time())))
+        return max(0.0, left)
 
     async def _on(self, node: Node, cred: Cred, op: Callable[[bytes], Awaitable[T]]) -> T:
         """Run `op(handle)`, re-resolving the handle once if the server calls it stale."""
@@ -146,18 +190,90 @@ class Store:
 
     # -- metadata ------------------------------------------------------------------
 
-    async def getattr(self, node: Node, cred: Cred) -> Fattr3:
+    async def getattr(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
+        """Attributes of `node`: cached within their lease unless `fresh`."""
+        if self.caching and not fresh:
+            entry = self.attrs.get(node.fh)
+            if entry is not None:
+                return entry.attrs
         return await self._on(node, cred, lambda fh: self.client.getattr(fh, cred))
 
     async def lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Fattr3]:
         """The child `name` of `parent` (NfsError NOENT if there is none)."""
         if name == b".":
             return parent, await self.getattr(parent, cred)
-        res = await self._on(parent, cred, lambda fh: self.client.lookup(fh, name, cred))
+        if self.caching and name != b"..":
+            found = await self._cached_lookup(parent, name, cred)
+            if found is not None:
+                return found
+            if self.dirs.missing_for(parent.fh, name):
+                raise NfsError(NOENT, "LOOKUP")
+        sent = trio.current_time()
+        try:
+            res = await self._on(parent, cred,
+                                 lambda fh: self.client.lookup(fh, name, cred))
+        except NfsError as exc:
+            if exc.status == NOENT:
+                self.dirs.remember_missing(parent.fh, name, sent)
+            raise
         attrs = res.obj_attributes or await self.client.getattr(res.object, cred)
         if name == b"..":
             return self.node_for(res.object, attrs), attrs
         return self.node_for(res.object, attrs, parent, name), attrs
+
+    async def _cached_lookup(self, parent: Node, name: bytes,
+                             cred: Cred) -> tuple[Node, Fattr3] | None:
+        """Answer from the parent's cached listing; None if it cannot tell."""
+        listing = await self._valid_names(parent, cred)
+        if listing is None:
+            return None
+        rec = listing.by_name.get(name)
+        if rec is None:
+            entry = self.attrs.peek(parent.fh)
+            assert entry is not None
+            if entry.fetched + self.cfg.neg_lease <= trio.current_time():
+                # Trust a listing's silence only as long as a negative lookup.
+                await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
+                if await self._valid_names(parent, cred) is not listing:
+                    return None
+            raise NfsError(NOENT, "LOOKUP")
+        if rec.fh is None:
+            return None
+        entry = self.attrs.get(rec.fh)
+        if entry is not None:
+            return self.node_for(rec.fh, entry.attrs, parent, name), entry.attrs
+        try:
+            attrs = await self.client.getattr(rec.fh, cred)
+        except NfsError as exc:
+            if exc.status in (Nfsstat3.NFS3ERR_STALE, Nfsstat3.NFS3ERR_BADHANDLE):
+                self.dirs.drop(parent.fh)
+                return None
+            raise
+        return self.node_for(rec.fh, attrs, parent, name), attrs
+
+    async def _valid_names(self, parent: Node, cred: Cred) -> Listing | None:
+        """The cached listing of `parent` if it still holds (one GETATTR decides
+        when the directory's lease ran out), else None."""
+        listing = self.dirs.get(parent.fh)
+        if listing is None:
+            return None
+        attrs = self.attrs.valid(parent.fh)
+        if attrs is None:
+            attrs = await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
+        if version(attrs) == listing.version:
+            return listing
+        self._listing_changed(parent, listing, None)
+        return None
+
+    def _listing_changed(self, parent: Node, old: Listing, new: Listing | None) -> None:
+        """Drop (or replace) a listing; tell the kernel which names went away."""
+        if new is None:
+            self.dirs.drop(parent.fh)
+        gone = [n for n, rec in old.by_name.items() if new is None or
+                new.by_name.get(n) is None or new.by_name[n].fh != rec.fh]
+        for name in gone:
+            for listener in self.entry_listeners:
+                listener(parent, name)
 
     async def setattr(self, node: Node, attrs: Sattr3, cred: Cred) -> Fattr3:
         if attrs.size is not None:
@@ -179,6 +295,26 @@ class Store:
 
     # -- namespace -----------------------------------------------------------------
 
+    def _changed_dir(self, parent: Node, wcc: WccData, name: bytes, *,
+                     added: tuple[int, bytes | None, Ftype3 | None] | None = None,
+                     removed: bool = False) -> None:
+        """We changed `parent`: patch its listing if the reply proves nobody else
+        did in between, else drop it; forget `name` as missing."""
+        self.dirs.forget_missing(parent.fh, name)
+        listing = self.dirs.get(parent.fh)
+        if listing is None:
+            return
+        if wcc.before is None or wcc.after is None or \
+                (wcc.before.mtime.to_ns(), wcc.before.ctime.to_ns(), wcc.before.size) \
+                != listing.version:
+            self.dirs.drop(parent.fh)
+            return
+        if removed:
+            listing.remove(name)
+        if added is not None:
+            listing.add(name, added[0], added[1], added[2])
+        listing.version = version(wcc.after)
+
     async def _new_entry(self, parent: Node, name: bytes, res: nfs3.DirOpRes,
                          cred: Cred) -> tuple[Node, Fattr3]:
         fh = res.object
@@ -186,6 +322,7 @@ class Store:
             look = await self.client.lookup(parent.fh, name, cred)
             fh = look.object
         attrs = res.obj_attributes or await self.client.getattr(fh, cred)
+        self._changed_dir(parent, res.dir_wcc, name, added=(attrs.fileid, fh, attrs.type))
         return self.node_for(fh, attrs, parent, name), attrs
 
     async def create(self, parent: Node, name: bytes, mode: int, cred: Cred, *,
@@ -218,13 +355,39 @@ class Store:
     async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Fattr3:
         res = await self._on(node, cred,
                              lambda fh: self.client.link(fh, parent.fh, name, cred))
-        return res.file_attributes or await self.getattr(node, cred)
+        attrs = res.file_attributes or await self.getattr(node, cred, fresh=True)
+        self._changed_dir(parent, res.linkdir_wcc, name,
+                          added=(attrs.fileid, node.fh, attrs.type))
+        return attrs
 
     async def remove(self, parent: Node, name: bytes, cred: Cred) -> None:
-        await self._on(parent, cred, lambda fh: self.client.remove(fh, name, cred))
+        try:
+            res = await self._on(parent, cred, lambda fh: self.client.remove(fh, name, cred))
+        except NfsError as exc:
+            if exc.status == NOENT:
+                self.dirs.drop(parent.fh)
+            raise
+        self._forget_child(parent, name)
+        self._changed_dir(parent, res.dir_wcc, name, removed=True)
 
     async def rmdir(self, parent: Node, name: bytes, cred: Cred) -> None:
-        await self._on(parent, cred, lambda fh: self.client.rmdir(fh, name, cred))
+        try:
+            res = await self._on(parent, cred, lambda fh: self.client.rmdir(fh, name, cred))
+        except NfsError as exc:
+            if exc.status == NOENT:
+                self.dirs.drop(parent.fh)
+            raise
+        self._forget_child(parent, name)
+        self._changed_dir(parent, res.dir_wcc, name, removed=True)
+
+    def _forget_child(self, parent: Node, name: bytes) -> None:
+        """A name went away: its node's attributes (nlink, ctime) are now stale."""
+        listing = self.dirs.get(parent.fh)
+        rec = listing.by_name.get(name) if listing is not None else None
+        if rec is not None and rec.fh is not None:
+            self.attrs.expire(rec.fh)
+            if rec.ftype is Ftype3.DIR:
+                self.dirs.drop(rec.fh)
 
     async def rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
                      cred: Cred, *, noreplace: bool = False) -> None:
@@ -238,8 +401,28 @@ class Store:
                     raise
             else:
                 raise StoreError(errno.EEXIST, "rename target exists")
-        await self._on(src, cred, lambda fh: self.client.rename(
-            fh, src_name, dst.fh, dst_name, cred))
+        src_listing = self.dirs.get(src.fh)
+        moved = src_listing.by_name.get(src_name) if src_listing is not None else None
+        try:
+            res = await self._on(src, cred, lambda fh: self.client.rename(
+                fh, src_name, dst.fh, dst_name, cred))
+        except NfsError:
+            self.dirs.drop(src.fh)
+            self.dirs.drop(dst.fh)
+            raise
+        self._forget_child(dst, dst_name)
+        if moved is not None and moved.fh is not None:
+            self.attrs.expire(moved.fh)   # its ctime changed
+        self._changed_dir(src, res.fromdir_wcc, src_name, removed=True)
+        if moved is None:
+            self.dirs.drop(dst.fh)
+            self.dirs.forget_missing(dst.fh, dst_name)
+        elif dst is src:
+            self._changed_dir(dst, res.todir_wcc, dst_name,
+                              added=(moved.fileid, moved.fh, moved.ftype))
+        else:
+            self._changed_dir(dst, res.todir_wcc, dst_name, removed=True,
+                              added=(moved.fileid, moved.fh, moved.ftype))
 
     async def silly_rename(self, parent: Node, name: bytes, node: Node,
                            cred: Cred) -> bytes:
@@ -259,7 +442,30 @@ class Store:
 
     async def readdir(self, cursor: DirCursor, cookie: int,
                       cred: Cred) -> tuple[list[DirEntry], bool]:
-        """One page of entries after `cookie` (0: from the start) and an eof flag."""
+        """Entries after `cookie` (0: from the start), a page at a time, and eof."""
+        if not self.caching:
+            return await self._readdir_page(cursor, cookie, cred)
+        if cookie == 0 or cursor.listing is None:
+            cursor.listing = await self.listing(cursor.node, cred)
+        listing = cursor.listing
+        start = listing.position_after(cookie)
+        if start is None:   # a cookie from another listing: ask the server
+            return await self._readdir_page(cursor, cookie, cred)
+        page = []
+        for rec in listing.records[start:start + READDIR_PAGE]:
+            node, attrs = None, None
+            if rec.fh is not None:
+                entry = self.attrs.peek(rec.fh)
+                if entry is not None:
+                    attrs = entry.attrs
+                    node = self.node_for(rec.fh, attrs) if rec.name in (b".", b"..") else \
+                        self.node_for(rec.fh, attrs, cursor.node, rec.name)
+            page.append(DirEntry(rec.name, rec.fileid, rec.cookie, node, attrs))
+        return page, start + READDIR_PAGE >= len(listing)
+
+    async def _readdir_page(self, cursor: DirCursor, cookie: int,
+                            cred: Cred) -> tuple[list[DirEntry], bool]:
+        """One READDIRPLUS page straight from the server (pass-through)."""
         res = await self._on(cursor.node, cred, lambda fh: self.client.readdirplus(
             fh, cookie, cursor.verf if cookie else bytes(8), cred))
         cursor.verf = res.cookieverf
@@ -271,6 +477,84 @@ class Store:
                 node = self.node_for(e.name_handle, e.name_attributes, cursor.node, e.name)
             entries.append(DirEntry(e.name, e.fileid, e.cookie, node, e.name_attributes))
         return entries, res.eof
+
+    async def listing(self, node: Node, cred: Cred) -> Listing:
+        """The whole directory with every child's attributes within their lease:
+        from the cache when it holds, else read again with READDIRPLUS."""
+        listing = self.dirs.get(node.fh)
+        if listing is not None and self._fresh(node, listing):
+            return listing
+        return await self._listings.run(node.fh, lambda: self._read_listing(node, cred))
+
+    def _fresh(self, node: Node, listing: Listing) -> bool:
+        attrs = self.attrs.valid(node.fh)
+        if attrs is None or version(attrs) != listing.version:
+            return False
+        valid = self.attrs.valid
+        return all(rec.fh is None or valid(rec.fh) is not None for rec in listing.records)
+
+    async def _read_listing(self, node: Node, cred: Cred, *, prefetch: bool = True) -> Listing:
+        """READDIRPLUS the whole directory (its attributes must not change meanwhile)."""
+        for _attempt in range(3):
+            records: list[DirRecord] = []
+            cookie, verf = 0, bytes(8)
+            first: tuple[int, int, int] | None = None
+            last: Fattr3 | None = None
+            while True:
+                res = await self._on(node, cred, lambda fh, c=cookie, v=verf:
+                                     self.client.readdirplus(fh, c, v, cred))
+                verf = res.cookieverf
+                if res.dir_attributes is not None:
+                    last = res.dir_attributes
+                    first = first or version(last)
+                for e in res.entries:
+                    ftype = e.name_attributes.type if e.name_attributes is not None else None
+                    records.append(DirRecord(e.name, e.fileid, e.cookie, e.name_handle, ftype))
+                    cookie = e.cookie
+                if res.eof or not res.entries:
+                    break
+            if last is None:
+                last = await self.client.getattr(node.fh, cred)
+                first = version(last)
+            if first == version(last):
+                break
+        listing = Listing(records, version(last), verf)
+        old = self.dirs.get(node.fh)
+        if old is not None:
+            self._listing_changed(node, old, listing)
+        self.dirs.put(node.fh, listing)
+        if prefetch and self.cfg.prefetch_depth > 0:
+            self._prefetch_children(node, listing, self.cfg.prefetch_depth, cred)
+        return listing
+
+    def _prefetch_children(self, node: Node, listing: Listing, depth: int,
+                           cred: Cred) -> None:
+        """List subdirectories ahead of a tree walk, in the background."""
+        if self._nursery is None or depth <= 0:
+            return
+        for rec in listing.records:
+            if rec.ftype is Ftype3.DIR and rec.fh is not None and \
+                    rec.name not in (b".", b"..") and self.dirs.get(rec.fh) is None and \
+                    not self._listings.busy(rec.fh):
+                attrs = self.attrs.peek(rec.fh)
+                if attrs is not None:
+                    child = self.node_for(rec.fh, attrs.attrs, node, rec.name)
+                    self._nursery.start_soon(self._prefetch, child, depth, cred)
+
+    async def _prefetch(self, node: Node, depth: int, cred: Cred) -> None:
+        async with self._prefetch_slots:
+            if self.dirs.get(node.fh) is not None or self._listings.busy(node.fh):
+                return
+            try:
+                listing = await self._listings.run(
+                    node.fh, lambda: self._read_listing(node, cred, prefetch=False))
+            except (NfsError, OSError) as exc:
+                log.debug("prefetch of %r skipped: %s", node.path(), exc)
+                return
+            except Exception as exc:   # a background helper must never take the mount down
+                log.debug("prefetch of %r failed: %s", node.path(), exc)
+                return
+        self._prefetch_children(node, listing, depth - 1, cred)
 
     # -- data ----------------------------------------------------------------------
 

@@ -38,7 +38,8 @@ from wancache.cache.node import Node
 from wancache.cache.store import DirCursor, Store
 from wancache.config import Config
 from wancache.nfs_backend import nfs3
-from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime, Sattr3
+from wancache.nfs_backend.errors import NfsError
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3
 from wancache.nfs_backend.transport import Cred
 
 from .errors import guard_operations
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 BLKSIZE = 128 * 1024          # st_blksize: tools size their I/O by it
 GROUPS_TTL = 2.0              # seconds a process's supplementary groups are trusted
 XATTR_ERRNO = errno.ENOTSUP   # NFSv3 has no extended attributes
+NOENT = Nfsstat3.NFS3ERR_NOENT
 
 _FTYPES = {stat.S_IFREG: Ftype3.REG, stat.S_IFDIR: Ftype3.DIR, stat.S_IFLNK: Ftype3.LNK,
            stat.S_IFIFO: Ftype3.FIFO, stat.S_IFSOCK: Ftype3.SOCK, stat.S_IFCHR: Ftype3.CHR,
@@ -190,7 +192,17 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self.inodes.node(parent_inode)
         self._check_name(name)
-        node, attrs = await self.store.lookup(parent, name, self.cred(ctx))
+        try:
+            node, attrs = await self.store.lookup(parent, name, self.cred(ctx))
+        except NfsError as exc:
+            ttl = self.store.negative_ttl(parent, name) if exc.status == NOENT else 0.0
+            if ttl <= 0:
+                raise
+            # A negative entry: the kernel remembers the name is missing for `ttl`.
+            entry = pyfuse3.EntryAttributes()
+            entry.st_ino = 0
+            entry.entry_timeout = ttl
+            return entry
         return self._entry(node, attrs, parent, name)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
@@ -357,6 +369,9 @@ class Operations(pyfuse3.Operations):
         of = OpenFile(node, self.cred(ctx), flags)
         if of.writable:
             self._writable_mount()
+        if self.cfg.consistency == "cto":
+            # Close-to-open: every open sees what the last close on any client wrote.
+            await self.store.getattr(node, of.cred, fresh=True)
         return self._file_info(node, of)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 PORTMAP_PORT = 111
 DEFAULT_IO_SIZE = 1 << 20
 
-# Observer of every attribute the server sends: (handle, attributes, pre-op attributes).
-AttrSink = Callable[[bytes, Fattr3, WccAttr | None], None]
+# Observer of every attribute the server sends: (handle, attributes, pre-op attributes,
+# trio time at which the call that brought them was sent).
+AttrSink = Callable[[bytes, Fattr3, WccAttr | None, float], None]
 R = TypeVar("R")
 
 
@@ -136,13 +137,14 @@ class NfsClient:
         proc = nfs3.proc_of(args)
         idempotent = proc in nfs3.IDEMPOTENT or (
             proc is Proc.CREATE and args.mode is nfs3.CreateMode.EXCLUSIVE)
+        sent = trio.current_time()
         body = await self.transport.call(proc, nfs3.encode_args(args), cred,
                                          idempotent=idempotent)
         res = nfs3.decode_res(proc, body)
         if self.attr_sinks:
             for fh, attrs, before in _attrs_in(args, res):
                 for sink in self.attr_sinks:
-                    sink(fh, attrs, before)
+                    sink(fh, attrs, before, sent)
         if res.status != nfs3.Nfsstat3.NFS3_OK:
             raise NfsError(res.status, proc.name, res)
         return res

@@ -1,0 +1,145 @@
+"""Attribute cache: every attribute the server sends, held under a lease.
+
+An entry is trusted without asking the server until its lease expires; then one
+GETATTR revalidates it.  Leases adapt like the Linux NFS client's attribute
+timeouts: a file seen for the first time gets a lease proportional to how long ago
+it last changed (a tenth of its age), within acregmin..acregmax (acdirmin..acdirmax
+for directories); each revalidation that finds it unchanged doubles the lease up to
+the maximum, and any change resets it to the minimum.
+
+A lease is counted from the moment the call that returned the attributes was
+*sent*, so a reply delayed by the WAN never extends what we trust.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+from cachetools import LRUCache
+
+from wancache.config import Config
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, WccAttr
+
+# (handle, old attributes or None, new attributes, the change was our own)
+ChangeListener = Callable[[bytes, Fattr3 | None, Fattr3, bool], None]
+
+
+def version(attrs: Fattr3) -> tuple[int, int, int]:
+    """What identifies a file's state: (mtime, ctime, size)."""
+    return (attrs.mtime.to_ns(), attrs.ctime.to_ns(), attrs.size)
+
+
+def data_version(attrs: Fattr3) -> str:
+    """The version string data caches key a file's blocks by."""
+    m, c, s = version(attrs)
+    return f"{m:x}-{c:x}-{s:x}"
+
+
+def _pre_version(before: WccAttr) -> tuple[int, int, int]:
+    return (before.mtime.to_ns(), before.ctime.to_ns(), before.size)
+
+
+@dataclass(slots=True)
+class AttrEntry:
+    """Attributes and their lease."""
+
+    attrs: Fattr3
+    fetched: float      # trio clock: when the call that brought them was sent
+    lease: float        # seconds
+
+    @property
+    def expires(self) -> float:
+        return self.fetched + self.lease
+
+    def remaining(self, now: float) -> float:
+        return max(0.0, self.expires - now)
+
+
+@dataclass
+class AttrStats:
+    hits: int = 0
+    misses: int = 0
+    changes: int = 0
+
+
+class AttrCache:
+    """handle -> attributes under an adaptive lease (LRU, bounded by entry count)."""
+
+    def __init__(self, cfg: Config, *, enabled: bool = True) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self._entries: LRUCache[bytes, AttrEntry] = LRUCache(maxsize=cfg.attr_entries)
+        self.listeners: list[ChangeListener] = []
+        self.stats = AttrStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, fh: bytes) -> AttrEntry | None:
+        """The entry, valid or not (not counted as a hit or miss)."""
+        return self._entries.get(fh)
+
+    def get(self, fh: bytes) -> AttrEntry | None:
+        """The entry if its lease still holds (counted as hit or miss)."""
+        entry = self._entries.get(fh)
+        if entry is not None and entry.expires > trio.current_time():
+            self.stats.hits += 1
+            return entry
+        self.stats.misses += 1
+        return None
+
+    def valid(self, fh: bytes) -> Fattr3 | None:
+        """Attributes within their lease, without counting a hit or miss."""
+        entry = self._entries.get(fh)
+        if entry is not None and entry.expires > trio.current_time():
+            return entry.attrs
+        return None
+
+    def remaining(self, fh: bytes) -> float:
+        """Seconds left on the lease of `fh` (0 if unknown or expired)."""
+        entry = self._entries.get(fh)
+        return entry.remaining(trio.current_time()) if entry is not None else 0.0
+
+    def _bounds(self, attrs: Fattr3) -> tuple[float, float]:
+        return self.cfg.lease_bounds(attrs.type is Ftype3.DIR)
+
+    def _first_lease(self, attrs: Fattr3) -> float:
+        lo, hi = self._bounds(attrs)
+        age = max(0.0, time.time() - attrs.mtime.seconds)
+        return min(hi, max(lo, age / 10))
+
+    def update(self, fh: bytes, attrs: Fattr3, before: WccAttr | None, when: float) -> None:
+        """Attributes the server sent (with pre-op attributes `before` if any) in a
+        reply to a call sent at `when` (the client's AttrSink signature)."""
+        if not self.enabled:
+            return
+        old = self._entries.get(fh)
+        if old is not None and old.fetched > when:
+            return   # a newer reply already arrived
+        lo, hi = self._bounds(attrs)
+        if old is None:
+            lease = self._first_lease(attrs)
+        elif version(old.attrs) != version(attrs):
+            lease = lo
+        elif old.expires <= when:
+            lease = min(hi, max(lo, old.lease * 2))   # revalidated, unchanged
+        else:
+            lease = min(hi, max(lo, old.lease))
+        self._entries[fh] = AttrEntry(attrs, when, lease)
+        if old is not None and version(old.attrs) != version(attrs):
+            self.stats.changes += 1
+            ours = before is not None and _pre_version(before) == version(old.attrs)
+            for listener in self.listeners:
+                listener(fh, old.attrs, attrs, ours)
+
+    def expire(self, fh: bytes) -> None:
+        """Force the next use of `fh` to revalidate (keeps the attributes)."""
+        entry = self._entries.get(fh)
+        if entry is not None:
+            entry.lease = min(entry.lease, max(0.0, trio.current_time() - entry.fetched))
+
+    def forget(self, fh: bytes) -> None:
+        self._entries.pop(fh, None)

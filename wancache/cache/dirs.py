@@ -1,0 +1,124 @@
+"""Directory cache: listings (names, handles, types, cookies) and negative lookups.
+
+A listing is valid while its directory's attributes are within their lease and
+still show the version (mtime, ctime, size) the listing was read at; the store
+decides with one GETATTR when that lease has run out.  Our own changes to a
+directory patch its listing when the reply's pre-operation attributes prove that
+nobody else changed the directory in between; otherwise the listing is dropped.
+
+A name that is not there is remembered for `neg_lease` seconds, per directory
+(LRU, bounded), and forgotten at once when we create that name ourselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import trio
+from cachetools import LRUCache
+
+from wancache.config import Config
+from wancache.nfs_backend.nfs3 import Ftype3
+
+SYNTHETIC_COOKIES = 1 << 63   # cookies of entries we added ourselves
+NEGATIVE_ENTRIES = 100_000
+
+
+@dataclass(slots=True)
+class DirRecord:
+    """One name in a listing."""
+
+    name: bytes
+    fileid: int
+    cookie: int
+    fh: bytes | None
+    ftype: Ftype3 | None
+
+
+@dataclass
+class Listing:
+    """A whole directory as read with READDIRPLUS (in server order)."""
+
+    records: list[DirRecord]
+    version: tuple[int, int, int]
+    verf: bytes
+    by_name: dict[bytes, DirRecord] = field(default_factory=dict)
+    _index: dict[int, int] | None = None
+    _synthetic: itertools.count[int] = field(
+        default_factory=lambda: itertools.count(SYNTHETIC_COOKIES))
+
+    def __post_init__(self) -> None:
+        self.by_name = {r.name: r for r in self.records}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def position_after(self, cookie: int) -> int | None:
+        """Index of the entry after the one with `cookie` (None: unknown cookie)."""
+        if cookie == 0:
+            return 0
+        if self._index is None:
+            self._index = {r.cookie: i for i, r in enumerate(self.records)}
+        i = self._index.get(cookie)
+        return None if i is None else i + 1
+
+    def add(self, name: bytes, fileid: int, fh: bytes | None, ftype: Ftype3 | None) -> None:
+        """A name we created (replaces an existing one of that name)."""
+        self.remove(name)
+        rec = DirRecord(name, fileid, next(self._synthetic), fh, ftype)
+        self.records.append(rec)
+        self.by_name[name] = rec
+        self._index = None
+
+    def remove(self, name: bytes) -> DirRecord | None:
+        """A name we removed."""
+        rec = self.by_name.pop(name, None)
+        if rec is not None:
+            self.records.remove(rec)
+            self._index = None
+        return rec
+
+
+class DirCache:
+    """dir handle -> Listing (LRU bounded by the total number of names)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self._listings: LRUCache[bytes, Listing] = LRUCache(
+            maxsize=cfg.dir_entries, getsizeof=lambda listing: len(listing) + 1)
+        self._negative: LRUCache[tuple[bytes, bytes], float] = LRUCache(NEGATIVE_ENTRIES)
+
+    def __len__(self) -> int:
+        return len(self._listings)
+
+    def get(self, fh: bytes) -> Listing | None:
+        return self._listings.get(fh)
+
+    def put(self, fh: bytes, listing: Listing) -> None:
+        if len(listing) + 1 <= self._listings.maxsize:
+            self._listings[fh] = listing
+
+    def drop(self, fh: bytes) -> Listing | None:
+        return self._listings.pop(fh, None)
+
+    # -- negative lookups -----------------------------------------------------------
+
+    def remember_missing(self, dir_fh: bytes, name: bytes, when: float) -> None:
+        """`name` was not in `dir_fh` according to a call sent at `when`."""
+        if self.cfg.neg_lease > 0:
+            self._negative[(dir_fh, name)] = when + self.cfg.neg_lease
+
+    def missing_for(self, dir_fh: bytes, name: bytes) -> float:
+        """Seconds `name` is still known to be missing (0: not known)."""
+        expires = self._negative.get((dir_fh, name))
+        if expires is None:
+            return 0.0
+        left = expires - trio.current_time()
+        if left <= 0:
+            del self._negative[(dir_fh, name)]
+            return 0.0
+        return left
+
+    def forget_missing(self, dir_fh: bytes, name: bytes) -> None:
+        self._negative.pop((dir_fh, name), None)
