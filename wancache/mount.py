@@ -13,12 +13,14 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
+from wancache.cache.blocks import BlockStore, BlockStoreError
 from wancache.cache.store import Store
 from wancache.config import Config, ConfigError
 from wancache.control import ControlServer, Handler, Progress, socket_path
@@ -65,6 +67,33 @@ def check_mountpoint(path: Path) -> None:
         raise MountPointError(f"mount point {path} is busy: {fstype} is mounted there")
 
 
+def prepare_cache_dir(cfg: Config) -> Path | None:
+    """Create cache_dir (root only); ConfigError (one line) if it cannot be used."""
+    if not cfg.cache or cfg.cache_dir is None:
+        return None
+    path = cfg.cache_dir
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path, 0o700)
+        probe = path / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cache_dir {path} is not usable: {exc.strerror or exc}") from None
+    return path
+
+
+async def open_block_store(cfg: Config, path: Path | None) -> BlockStore | None:
+    """The persistent block cache under `path` (the prepared cache_dir; None: none)."""
+    if path is None:
+        return None
+    try:
+        return await BlockStore.open(path / "blocks", size_limit=cfg.cache_size,
+                                     block_size=cfg.block_size)
+    except BlockStoreError as exc:
+        raise ConfigError(f"cache_dir {path}: {exc}") from None
+
+
 def transport_options(cfg: Config) -> TransportOptions:
     return TransportOptions(timeout=None if cfg.hard else cfg.timeout, timeo=cfg.timeo,
                             nconnect=cfg.nconnect, resvport=cfg.resvport)
@@ -101,6 +130,7 @@ async def _stop_on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS
 
 def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[str, Handler]:
     """What the control socket answers."""
+    store = ops.store
     async def ping(req: dict[str, Any], progress: Progress) -> Any:
         return "pong"
 
@@ -109,7 +139,12 @@ def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[st
         return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
                 "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
                 "server_up": client.up, "inodes": len(ops.inodes),
-                "open_files": ops.open_files}
+                "open_files": ops.open_files,
+                "attrs": {**asdict(store.attrs.stats), "entries": len(store.attrs)},
+                "dirs": {"listings": len(store.dirs)},
+                "data": asdict(store.data.stats) if store.data is not None else {},
+                "blocks": asdict(store.data.blocks.stats)
+                if store.data is not None and store.data.blocks is not None else {}}
 
     async def reset_stats(req: dict[str, Any], progress: Progress) -> Any:
         client.stats.reset()
@@ -125,9 +160,29 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     # kernel would ask this very process, which is busy asking: a deadlock.
     control_path = socket_path(cfg.mountpoint)
     stats = RpcStats()
-    async with trio.open_nursery() as nursery:
-        client = await connect(nursery, cfg, stats)
-        store = await Store.open(client, cfg, nursery)
+    cache_dir = prepare_cache_dir(cfg)   # an unusable cache_dir fails before any network
+    blocks: BlockStore | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            client = await connect(nursery, cfg, stats)
+            try:
+                blocks = await open_block_store(cfg, cache_dir)
+                await _serve_mounted(cfg, client, blocks, control_path, ready)
+            finally:
+                client.close()
+                nursery.cancel_scope.cancel()
+    finally:
+        if blocks is not None:
+            with trio.CancelScope(shield=True):
+                await blocks.close()
+
+
+async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | None,
+                         control_path: Path, ready: Callable[[], None] | None) -> None:
+    """Mount FUSE and serve until unmounted; every worker runs in `workers`, which is
+    cancelled (and done) before the caller closes the block store and the client."""
+    async with trio.open_nursery() as workers:
+        store = await Store.open(client, cfg, workers, blocks)
         ops = Operations(store, cfg)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -135,9 +190,9 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
             raise OSError(errno.EIO, f"cannot mount FUSE at {cfg.mountpoint}: {exc}") from None
         log.info("mounted %s at %s", cfg.spec, cfg.mountpoint)
         try:
-            await nursery.start(_stop_on_signals)
-            await nursery.start(KernelNotifier(store, ops.inodes).run)
-            await nursery.start(ControlServer(control_path,
+            await workers.start(_stop_on_signals)
+            await workers.start(KernelNotifier(store, ops.inodes).run)
+            await workers.start(ControlServer(control_path,
                                               control_handlers(cfg, client, ops)).run)
             if ready is not None:
                 ready()
@@ -145,6 +200,5 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
         finally:
             with trio.CancelScope(shield=True):
                 pyfuse3.close(unmount=True)
-                client.close()
             log.info("unmounted %s", cfg.mountpoint)
-            nursery.cancel_scope.cancel()
+            workers.cancel_scope.cancel()

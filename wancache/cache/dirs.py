@@ -12,8 +12,7 @@ A name that is not there is remembered for `neg_lease` seconds, per directory
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 from cachetools import LRUCache
@@ -21,7 +20,6 @@ from cachetools import LRUCache
 from wancache.config import Config
 from wancache.nfs_backend.nfs3 import Ftype3
 
-SYNTHETIC_COOKIES = 1 << 63   # cookies of entries we added ourselves
 NEGATIVE_ENTRIES = 100_000
 
 
@@ -31,53 +29,38 @@ class DirRecord:
 
     name: bytes
     fileid: int
-    cookie: int
     fh: bytes | None
     ftype: Ftype3 | None
 
 
 @dataclass
 class Listing:
-    """A whole directory as read with READDIRPLUS (in server order)."""
+    """A whole directory as read with READDIRPLUS, in server order (a dict keeps the
+    order and makes adding and removing a name O(1))."""
 
-    records: list[DirRecord]
+    by_name: dict[bytes, DirRecord]
     version: tuple[int, int, int]
-    verf: bytes
-    by_name: dict[bytes, DirRecord] = field(default_factory=dict)
-    _index: dict[int, int] | None = None
-    _synthetic: itertools.count[int] = field(
-        default_factory=lambda: itertools.count(SYNTHETIC_COOKIES))
 
-    def __post_init__(self) -> None:
-        self.by_name = {r.name: r for r in self.records}
+    @classmethod
+    def of(cls, records: list[DirRecord], version: tuple[int, int, int]) -> Listing:
+        return cls({r.name: r for r in records}, version)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.by_name)
 
-    def position_after(self, cookie: int) -> int | None:
-        """Index of the entry after the one with `cookie` (None: unknown cookie)."""
-        if cookie == 0:
-            return 0
-        if self._index is None:
-            self._index = {r.cookie: i for i, r in enumerate(self.records)}
-        i = self._index.get(cookie)
-        return None if i is None else i + 1
+    @property
+    def records(self) -> list[DirRecord]:
+        """A snapshot of the entries, in order."""
+        return list(self.by_name.values())
 
     def add(self, name: bytes, fileid: int, fh: bytes | None, ftype: Ftype3 | None) -> None:
         """A name we created (replaces an existing one of that name)."""
-        self.remove(name)
-        rec = DirRecord(name, fileid, next(self._synthetic), fh, ftype)
-        self.records.append(rec)
-        self.by_name[name] = rec
-        self._index = None
+        self.by_name.pop(name, None)
+        self.by_name[name] = DirRecord(name, fileid, fh, ftype)
 
     def remove(self, name: bytes) -> DirRecord | None:
         """A name we removed."""
-        rec = self.by_name.pop(name, None)
-        if rec is not None:
-            self.records.remove(rec)
-            self._index = None
-        return rec
+        return self.by_name.pop(name, None)
 
 
 class DirCache:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import trio
+from cachetools import LRUCache
 
 from wancache.config import Config
 from wancache.nfs_backend import nfs3
@@ -31,10 +32,13 @@ from wancache.nfs_backend.errors import NfsError
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, Sattr3, StableHow, WccData
 from wancache.nfs_backend.transport import Cred
 
-from .attrs import AttrCache, version
+from .attrs import AttrCache, data_version, version
+from .blocks import BlockStore
+from .data import DataCache, VersionChanged
 from .dirs import DirCache, DirRecord, Listing
 from .flight import SingleFlight
 from .node import Node
+from .readahead import ReadAhead
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +57,32 @@ class StoreError(OSError):
 
 @dataclass(slots=True)
 class DirEntry:
-    """One directory entry; `node`/`attrs` are None when the server sent no handle."""
+    """One directory entry; `node`/`attrs` are None when the server sent no handle.
+
+    `offset` is the cursor position after this entry: what the kernel passes back
+    to continue (telldir/seekdir) on the same open directory.
+    """
 
     name: bytes
     fileid: int
-    cookie: int
+    offset: int
     node: Node | None
     attrs: Fattr3 | None
 
 
 @dataclass
 class DirCursor:
-    """State of one open directory (one `opendir`): the listing it reads from."""
+    """State of one open directory (one `opendir`).
+
+    Positions handed to the kernel are ours, 1, 2, 3, ... (NFS cookies are
+    64-bit unsigned, the kernel's offsets signed): cached mode reads a snapshot of
+    the listing taken at the start, pass-through keeps each position's cookie.
+    """
 
     node: Node
     verf: bytes = bytes(8)
-    listing: Listing | None = None
+    records: list[DirRecord] | None = None
+    cookies: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -90,7 +104,8 @@ class Store:
     """Every operation the FUSE layer needs, on Nodes, for one mount."""
 
     def __init__(self, client: NfsClient, cfg: Config, root_attrs: Fattr3,
-                 nursery: trio.Nursery | None = None) -> None:
+                 nursery: trio.Nursery | None = None,
+                 blocks: BlockStore | None = None) -> None:
         self.client = client
         self.cfg = cfg
         self.info = client.info
@@ -109,12 +124,36 @@ class Store:
         self.entry_listeners: list[Callable[[Node, bytes], None]] = []
         client.attr_sinks.append(self.attrs.update)
         self.attrs.update(self.root.fh, root_attrs, None, trio.current_time())
+        self.data: DataCache | None = None
+        if self.caching and nursery is not None:
+            self.data = DataCache(client, cfg, blocks, nursery)
+            self.attrs.listeners.append(self.data.attrs_changed)
+        self._open_versions: dict[str, str] = {}
+        # (directory handle, name) -> handle, as last seen: to expire a removed
+        # name's attributes (its other hard links' link count) without a listing.
+        self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(cfg.attr_entries)
+        self.name_max = client.info.name_max
 
     @classmethod
-    async def open(cls, client: NfsClient, cfg: Config,
-                   nursery: trio.Nursery | None = None) -> Store:
-        """A store for the export `client` mounted; background work runs in `nursery`."""
-        return cls(client, cfg, await client.getattr(client.root_fh, Cred.root()), nursery)
+    async def open(cls, client: NfsClient, cfg: Config, nursery: trio.Nursery | None = None,
+                   blocks: BlockStore | None = None) -> Store:
+        """A store for the export `client` mounted; background work runs in `nursery`,
+        file data is cached in `blocks` (if given)."""
+        root_attrs = await client.getattr(client.root_fh, Cred.root())
+        store = cls(client, cfg, root_attrs, nursery, blocks)
+        await store._probe_name_max()
+        return store
+
+    async def _probe_name_max(self) -> None:
+        """PATHCONF's name_max may promise more than the server's disk takes (ganesha
+        says 1024 over ext4's 255): one LOOKUP of a 256-byte name tells."""
+        if self.name_max <= 255:
+            return
+        try:
+            await self.client.lookup(self.root.fh, b"n" * 256, Cred.root())
+        except NfsError as exc:
+            if exc.status == Nfsstat3.NFS3ERR_NAMETOOLONG:
+                self.name_max = 255
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -127,6 +166,8 @@ class Store:
             self._nodes[fh] = node
         elif parent is not None:
             node.parent, node.name = parent, name
+        if parent is not None:
+            self._names[(parent.fh, name)] = fh
         return node
 
     def known_node(self, fh: bytes) -> Node | None:
@@ -381,13 +422,17 @@ class Store:
         self._changed_dir(parent, res.dir_wcc, name, removed=True)
 
     def _forget_child(self, parent: Node, name: bytes) -> None:
-        """A name went away: its node's attributes (nlink, ctime) are now stale."""
+        """A name went away: its node's attributes (nlink, ctime) are now stale, for
+        every other name (hard link) of it too."""
+        fh = self._names.pop((parent.fh, name), None)
         listing = self.dirs.get(parent.fh)
         rec = listing.by_name.get(name) if listing is not None else None
         if rec is not None and rec.fh is not None:
-            self.attrs.expire(rec.fh)
+            fh = rec.fh
             if rec.ftype is Ftype3.DIR:
                 self.dirs.drop(rec.fh)
+        if fh is not None:
+            self.attrs.expire(fh)
 
     async def rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
                      cred: Cred, *, noreplace: bool = False) -> None:
@@ -440,19 +485,17 @@ class Store:
     async def opendir(self, node: Node, cred: Cred) -> DirCursor:
         return DirCursor(node)
 
-    async def readdir(self, cursor: DirCursor, cookie: int,
+    async def readdir(self, cursor: DirCursor, offset: int,
                       cred: Cred) -> tuple[list[DirEntry], bool]:
-        """Entries after `cookie` (0: from the start), a page at a time, and eof."""
+        """Entries after position `offset` (0: from the start), a page at a time, and
+        whether that was the end."""
         if not self.caching:
-            return await self._readdir_page(cursor, cookie, cred)
-        if cookie == 0 or cursor.listing is None:
-            cursor.listing = await self.listing(cursor.node, cred)
-        listing = cursor.listing
-        start = listing.position_after(cookie)
-        if start is None:   # a cookie from another listing: ask the server
-            return await self._readdir_page(cursor, cookie, cred)
+            return await self._readdir_page(cursor, offset, cred)
+        if offset == 0 or cursor.records is None:
+            cursor.records = (await self.listing(cursor.node, cred)).records
+        records = cursor.records
         page = []
-        for rec in listing.records[start:start + READDIR_PAGE]:
+        for i, rec in enumerate(records[offset:offset + READDIR_PAGE], start=offset + 1):
             node, attrs = None, None
             if rec.fh is not None:
                 entry = self.attrs.peek(rec.fh)
@@ -460,22 +503,28 @@ class Store:
                     attrs = entry.attrs
                     node = self.node_for(rec.fh, attrs) if rec.name in (b".", b"..") else \
                         self.node_for(rec.fh, attrs, cursor.node, rec.name)
-            page.append(DirEntry(rec.name, rec.fileid, rec.cookie, node, attrs))
-        return page, start + READDIR_PAGE >= len(listing)
+            page.append(DirEntry(rec.name, rec.fileid, i, node, attrs))
+        return page, offset + READDIR_PAGE >= len(records)
 
-    async def _readdir_page(self, cursor: DirCursor, cookie: int,
+    async def _readdir_page(self, cursor: DirCursor, offset: int,
                             cred: Cred) -> tuple[list[DirEntry], bool]:
         """One READDIRPLUS page straight from the server (pass-through)."""
+        if offset > len(cursor.cookies):
+            raise StoreError(errno.EINVAL, "directory position out of range")
+        cookie = cursor.cookies[offset - 1] if offset else 0
         res = await self._on(cursor.node, cred, lambda fh: self.client.readdirplus(
             fh, cookie, cursor.verf if cookie else bytes(8), cred))
         cursor.verf = res.cookieverf
+        del cursor.cookies[offset:]
         entries = []
         for e in res.entries:
             node = None
             if e.name_handle is not None and e.name_attributes is not None \
                     and e.name not in (b".", b".."):
                 node = self.node_for(e.name_handle, e.name_attributes, cursor.node, e.name)
-            entries.append(DirEntry(e.name, e.fileid, e.cookie, node, e.name_attributes))
+            cursor.cookies.append(e.cookie)
+            entries.append(DirEntry(e.name, e.fileid, len(cursor.cookies), node,
+                                    e.name_attributes))
         return entries, res.eof
 
     async def listing(self, node: Node, cred: Cred) -> Listing:
@@ -491,7 +540,8 @@ class Store:
         if attrs is None or version(attrs) != listing.version:
             return False
         valid = self.attrs.valid
-        return all(rec.fh is None or valid(rec.fh) is not None for rec in listing.records)
+        return all(rec.fh is None or valid(rec.fh) is not None
+                   for rec in listing.by_name.values())
 
     async def _read_listing(self, node: Node, cred: Cred, *, prefetch: bool = True) -> Listing:
         """READDIRPLUS the whole directory (its attributes must not change meanwhile)."""
@@ -509,7 +559,7 @@ class Store:
                     first = first or version(last)
                 for e in res.entries:
                     ftype = e.name_attributes.type if e.name_attributes is not None else None
-                    records.append(DirRecord(e.name, e.fileid, e.cookie, e.name_handle, ftype))
+                    records.append(DirRecord(e.name, e.fileid, e.name_handle, ftype))
                     cookie = e.cookie
                 if res.eof or not res.entries:
                     break
@@ -518,7 +568,7 @@ class Store:
                 first = version(last)
             if first == version(last):
                 break
-        listing = Listing(records, version(last), verf)
+        listing = Listing.of(records, version(last))
         old = self.dirs.get(node.fh)
         if old is not None:
             self._listing_changed(node, old, listing)
@@ -532,7 +582,7 @@ class Store:
         """List subdirectories ahead of a tree walk, in the background."""
         if self._nursery is None or depth <= 0:
             return
-        for rec in listing.records:
+        for rec in listing.by_name.values():
             if rec.ftype is Ftype3.DIR and rec.fh is not None and \
                     rec.name not in (b".", b"..") and self.dirs.get(rec.fh) is None and \
                     not self._listings.busy(rec.fh):
@@ -558,8 +608,41 @@ class Store:
 
     # -- data ----------------------------------------------------------------------
 
-    async def read(self, node: Node, offset: int, size: int, cred: Cred) -> bytes:
-        """Up to `size` bytes at `offset` (fewer only at end of file)."""
+    def readahead(self) -> ReadAhead | None:
+        """Read-ahead state for a new open file (None when not caching)."""
+        return self.data.readahead() if self.data is not None else None
+
+    def keep_cache(self, node: Node) -> bool:
+        """Opening `node`: may the kernel keep its page cache? Yes if the file's
+        version is the one it had at its previous open."""
+        if self.data is None:
+            return False
+        attrs = self.attrs.valid(node.fh)
+        if attrs is None:
+            return False
+        current = data_version(attrs)
+        previous = self._open_versions.get(node.key)
+        if previous != current:
+            if len(self._open_versions) > self.cfg.attr_entries:
+                self._open_versions.clear()
+            self._open_versions[node.key] = current
+        return previous == current
+
+    async def read(self, node: Node, offset: int, size: int, cred: Cred, *,
+                   ra: ReadAhead | None = None, direct: bool = False) -> bytes:
+        """Up to `size` bytes at `offset` (fewer only at end of file): from the block
+        cache within the attribute lease, else from the server."""
+        if self.data is not None and not direct:
+            for _attempt in range(3):
+                attrs = await self.getattr(node, cred)
+                try:
+                    return await self.data.read(node, attrs, offset, size, cred, ra)
+                except VersionChanged:
+                    log.debug("%r changed on the server while reading; again", node.path())
+        return await self._read_through(node, offset, size, cred)
+
+    async def _read_through(self, node: Node, offset: int, size: int, cred: Cred) -> bytes:
+        """Read straight from the server, rsize at a time, all in flight."""
         rsize = self.info.rsize
         spans = [(off, min(rsize, offset + size - off))
                  for off in range(offset, offset + size, rsize)]
@@ -602,6 +685,8 @@ class Store:
             if res.committed == StableHow.UNSTABLE:
                 state.unstable.append(_Unstable(offset + start, chunk, res.verf))
                 state.unstable_bytes += len(chunk)
+        if self.data is not None:
+            self.data.forget(node.key)
         if state.unstable_bytes > COMMIT_EVERY:
             await self.commit(node, cred)
         return len(data)

@@ -16,9 +16,11 @@ Open flags, deliberately:
   caches: reads go to the server, writes are written through and committed.
 * O_EXCL with O_CREAT: a GUARDED CREATE, so the server answers EEXIST if the name
   exists there (the kernel's own check only sees what it has cached).
-* O_TRUNC: the kernel sends a separate setattr(size=0) first.
-* Unlinking an open file renames it to `.wancache-unlinked-*` (as NFS clients do);
-  it stays readable and writable until the last close, which removes it.
+* O_TRUNC: libfuse asks for atomic O_TRUNC, so the kernel passes it to `open`,
+  which truncates (SETATTR size 0) before answering.
+* Unlinking an open file, or renaming another file over it, renames it to
+  `.wancache-unlinked-*` (as NFS clients do); it stays readable and writable until
+  the last close, which removes it with the credentials of whoever unlinked it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from wancache.cache.node import Node
+from wancache.cache.readahead import ReadAhead
 from wancache.cache.store import DirCursor, Store
 from wancache.config import Config
 from wancache.nfs_backend import nfs3
@@ -65,7 +68,8 @@ class OpenFile:
     node: Node
     cred: Cred
     flags: int
-    silly: tuple[Node, bytes] | None = None   # unlinked while open: remove at close
+    silly: tuple[Node, bytes, Cred] | None = None   # unlinked while open: remove at close
+    readahead: ReadAhead | None = None
 
     @property
     def append(self) -> bool:
@@ -179,7 +183,7 @@ class Operations(pyfuse3.Operations):
         return to_entry(ino, attrs, self.store.attr_ttl(node), entry_ttl)
 
     def _check_name(self, name: bytes) -> None:
-        if len(name) > self.store.info.name_max:
+        if len(name) > self.store.name_max:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
 
     def _writable_mount(self) -> None:
@@ -259,7 +263,7 @@ class Operations(pyfuse3.Operations):
         st.f_files = fs.tfiles
         st.f_ffree = fs.ffiles
         st.f_favail = fs.afiles
-        st.f_namemax = self.store.info.name_max
+        st.f_namemax = self.store.name_max
         return st
 
     # -- namespace -----------------------------------------------------------------
@@ -312,22 +316,34 @@ class Operations(pyfuse3.Operations):
         self._writable_mount()
         parent = self.inodes.node(parent_inode)
         cred = self.cred(ctx)
-        node = await self._open_child(parent, name, cred)
-        if node is not None:
-            hidden = await self.store.silly_rename(parent, name, node, cred)
-            for of in self._files.values():
-                if of.node is node and of.silly is None:
-                    of.silly = (parent, hidden)
-                    break
+        if await self._hide_if_open(parent, name, cred):
             return
         await self.store.remove(parent, name, cred)
+
+    async def _hide_if_open(self, parent: Node, name: bytes, cred: Cred) -> bool:
+        """If `name` is the last link of a file some open refers to, rename it out of
+        the way (to be removed at its last close) and return True."""
+        node = await self._open_child(parent, name, cred)
+        if node is None:
+            return False
+        hidden = await self.store.silly_rename(parent, name, node, cred)
+        for of in self._files.values():
+            if of.node is node and of.silly is None:
+                of.silly = (parent, hidden, cred)
+                break
+        return True
 
     async def _open_child(self, parent: Node, name: bytes, cred: Cred) -> Node | None:
         """The node behind `name` if some open file refers to it (NOENT otherwise
         surfaces from the store)."""
         if not any(of.silly is None for of in self._files.values()):
             return None
-        node, attrs = await self.store.lookup(parent, name, cred)
+        try:
+            node, attrs = await self.store.lookup(parent, name, cred)
+        except NfsError as exc:
+            if exc.status == NOENT:
+                return None
+            raise
         if attrs.type is Ftype3.DIR or self.inodes.open_count(node) == 0:
             return None
         if attrs.nlink > 1:
@@ -349,18 +365,23 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL)
         src = self.inodes.node(parent_inode_old)
         dst = self.inodes.node(parent_inode_new)
-        await self.store.rename(src, name_old, dst, name_new, self.cred(ctx),
-                                noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        cred = self.cred(ctx)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        if not noreplace and (src is not dst or name_old != name_new):
+            await self._hide_if_open(dst, name_new, cred)   # replacing an open file
+        await self.store.rename(src, name_old, dst, name_new, cred, noreplace=noreplace)
 
     # -- files ---------------------------------------------------------------------
 
-    def _file_info(self, node: Node, of: OpenFile) -> pyfuse3.FileInfo:
+    def _file_info(self, node: Node, of: OpenFile, *, new: bool = False) -> pyfuse3.FileInfo:
         fh = next(self._handles)
         self._files[fh] = of
         self.inodes.opened(node)
         info = pyfuse3.FileInfo(fh=fh)
-        info.direct_io = of.direct or not self.cfg.cache
-        info.keep_cache = False
+        info.direct_io = of.direct   # (not for cache=off: MAP_SHARED needs the page cache)
+        info.keep_cache = not new and not info.direct_io and self.store.keep_cache(node)
+        if not of.direct:
+            of.readahead = self.store.readahead()
         return info
 
     async def open(self, inode: int, flags: int,
@@ -372,6 +393,8 @@ class Operations(pyfuse3.Operations):
         if self.cfg.consistency == "cto":
             # Close-to-open: every open sees what the last close on any client wrote.
             await self.store.getattr(node, of.cred, fresh=True)
+        if flags & os.O_TRUNC:   # Linux truncates even when opened read-only
+            await self.store.setattr(node, Sattr3(size=0), of.cred)
         return self._file_info(node, of)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -383,8 +406,10 @@ class Operations(pyfuse3.Operations):
         cred = self.cred(ctx)
         node, attrs = await self.store.create(parent, name, mode & ~ctx.umask, cred,
                                               exclusive=bool(flags & os.O_EXCL))
+        if flags & os.O_TRUNC and attrs.size:   # it existed after all (a racing creator)
+            attrs = await self.store.setattr(node, Sattr3(size=0), cred)
         entry = self._entry(node, attrs, parent, name)
-        return self._file_info(node, OpenFile(node, cred, flags)), entry
+        return self._file_info(node, OpenFile(node, cred, flags), new=True), entry
 
     def _file(self, fh: int) -> OpenFile:
         of = self._files.get(fh)
@@ -394,7 +419,8 @@ class Operations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self._file(fh)
-        return await self.store.read(of.node, off, size, of.cred)
+        return await self.store.read(of.node, off, size, of.cred, ra=of.readahead,
+                                     direct=of.direct)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         of = self._file(fh)
@@ -427,7 +453,8 @@ class Operations(pyfuse3.Operations):
                     (o.silly for o in self._files.values() if o.node is of.node and o.silly),
                     None)
                 if silly is not None:
-                    await self.store.remove(silly[0], silly[1], of.cred)
+                    parent, hidden, unlinker = silly
+                    await self.store.remove(parent, hidden, unlinker)
 
     # -- directories ---------------------------------------------------------------
 
@@ -443,19 +470,19 @@ class Operations(pyfuse3.Operations):
         od = self._dirs.get(fh)
         if od is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        cookie = start_id
+        offset = start_id
         parent = od.cursor.node
         while True:
-            entries, eof = await self.store.readdir(od.cursor, cookie, od.cred)
+            entries, eof = await self.store.readdir(od.cursor, offset, od.cred)
             for e in entries:
                 if e.name in (b".", b".."):
                     # The kernel does not count lookups for these two.
                     ino = self.inodes.peek(parent) if e.name == b"." else None
                     attrs = e.attrs or await self.store.getattr(parent, od.cred)
                     if not pyfuse3.readdir_reply(token, e.name,
-                                                 to_entry(ino or e.fileid, attrs), e.cookie):
+                                                 to_entry(ino or e.fileid, attrs), e.offset):
                         return
-                    cookie = e.cookie
+                    offset = e.offset
                     continue
                 node, attrs = e.node, e.attrs
                 if node is None or attrs is None:
@@ -463,11 +490,11 @@ class Operations(pyfuse3.Operations):
                 ino = self.inodes.ino_of(node)
                 entry = to_entry(ino, attrs, self.store.attr_ttl(node),
                                  self.store.entry_ttl(parent, e.name))
-                if not pyfuse3.readdir_reply(token, e.name, entry, e.cookie):
+                if not pyfuse3.readdir_reply(token, e.name, entry, e.offset):
                     self.inodes.drop_unreferenced(node)
                     return
                 self.inodes.remember(node)
-                cookie = e.cookie
+                offset = e.offset
             if eof or not entries:
                 return
 
