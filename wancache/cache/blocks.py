@@ -330,8 +330,17 @@ class _BlockDisk(diskcache.Disk):  # type: ignore[misc]
                encoding: str | None = None) -> int:
         if mode != "xb":  # text values: never stored by BlockStore
             return super()._write(full_path, iterator, mode, encoding)  # type: ignore[no-any-return]
-        os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
-        fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        # diskcache's `remove` prunes empty value directories (os.removedirs) in
+        # other threads: one may vanish between makedirs and open, so try again.
+        for attempt in range(5):
+            os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
+            try:
+                fd = os.open(full_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600)
+                break
+            except FileNotFoundError:
+                if attempt == 4:
+                    raise
         try:
             with open(fd, "wb") as writer:
                 if isinstance(iterator, io.BytesIO):  # bytes: one write, not line by line
