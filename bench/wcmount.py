@@ -86,6 +86,10 @@ class WancacheMount:
         """A control-socket request to the daemon."""
         return control.request(self.mountpoint, cmd, **args)
 
+    def flush(self, timeout: float = 120.0) -> None:
+        """Wait until the daemon's write-back journal is on the server."""
+        control.request(self.mountpoint, "flush", timeout=timeout)
+
     def rpc_calls(self, prefix: str = "nfs3.") -> Counter[str]:
         """The daemon's own count of RPC calls per procedure (without the prefix)."""
         rpc = self.request("stats")["rpc"]

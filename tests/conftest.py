@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -49,11 +49,27 @@ class Export:
 
     server: NfsServer
     subdir: str
+    mounts: list[WancacheMount] = field(default_factory=list)
 
     @property
     def path(self) -> Path:
-        """The directory on the server's local disk (read it; write through NFS)."""
+        """The directory on the server's local disk (read it; write through NFS).
+
+        Looking at the server means looking at what reached it: each time this path
+        (or one below it) is used, every wancache mount of this export first flushes
+        its write-back journal.
+        """
+        return _server_path(self)(self.raw_path)
+
+    @property
+    def raw_path(self) -> Path:
+        """The directory on the server's disk, without flushing any mount first."""
         return self.server.export / self.subdir
+
+    def flush_mounts(self) -> None:
+        for m in self.mounts:
+            if m.proc is not None and m.proc.poll() is None:
+                m.flush()
 
     @property
     def export_path(self) -> str:
@@ -70,6 +86,7 @@ class Export:
 
     def nfs_cat(self, path: str) -> bytes:
         """Read a file the way an independent NFS client sees it."""
+        self.flush_mounts()
         return run_tool(["nfs-cat", self.url(path)]).stdout
 
     def nfs_cp_in(self, local: Path, path: str) -> None:
@@ -83,10 +100,22 @@ class Export:
 
     def nfs_ls(self, path: str = "") -> list[str]:
         """Names in a directory as an independent NFS client lists them."""
+        self.flush_mounts()
         out = run_tool(["nfs-ls", self.url(path)]).stdout.decode(errors="surrogateescape")
         rows = (line.split(None, 5) for line in out.splitlines())
         # A name containing a newline spills onto a line of its own: skip those.
         return sorted(row[5] for row in rows if len(row) == 6)
+
+
+def _server_path(export: Export) -> type[Path]:
+    """A Path class whose file system uses flush `export`'s mounts first."""
+
+    class ServerPath(type(Path())):  # type: ignore[misc]
+        def __fspath__(self) -> str:
+            export.flush_mounts()
+            return str(self)
+
+    return ServerPath
 
 
 async def _overwrite(export: Export, path: bytes, data: bytes) -> None:
@@ -181,6 +210,7 @@ def mount_factory(export: Export, tmp_path: Path,
                 f"cache_dir={cache}", *options]
         m = WancacheMount(exp.spec, mnt_dir, opts, log_path=tmp_path / f"{mnt_dir.name}.log")
         made.append(m)
+        exp.mounts.append(m)
         return m.start() if start else m
 
     yield make

@@ -96,8 +96,11 @@ def test_eviction_keeps_the_cache_under_its_limit(export: Export,
     m = mount_factory(["cache_size=6M", "block_size=1M"])
     for i in range(3):
         (m.mountpoint / f"f{i}").read_bytes()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10       # blocks are stored in the background
+    while stats(m)["blocks"]["puts"] < 12 and time.monotonic() < deadline:
+        time.sleep(0.1)
     blocks = stats(m)["blocks"]
+    assert blocks["puts"] == 12
     assert blocks["bytes_used"] <= 6 * MiB
     assert blocks["evictions"] >= 6
 

@@ -145,8 +145,8 @@ class Config:
     small_file: int = 256 << 10
     # writing
     writeback: bool = True
-    writeback_delay: float = 0.0
-    max_dirty: int = 1 << 30
+    writeback_delay: float = 1.0
+    max_dirty: int = 256 << 20
     dirty_wait: float = 60.0
     # operating
     read_only: bool = False
@@ -290,6 +290,8 @@ def parse_options(options: str | Iterable[str], cfg: Config | None = None) -> Co
 def _validate(cfg: Config) -> None:
     if cfg.debug:
         cfg.log_level = "debug"
+    if not cfg.cache:
+        cfg.writeback = False    # pass-through means every write goes to the server
     if cfg.block_size < 4096 or cfg.block_size & (cfg.block_size - 1):
         raise ConfigError(f"block_size must be a power of two >= 4096, not {cfg.block_size}")
     for name in ("timeout", "timeo"):

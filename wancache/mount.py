@@ -8,6 +8,7 @@ unmount cleanly.  Every worker runs in one nursery.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -21,7 +22,9 @@ import pyfuse3
 import trio
 
 from wancache.cache.blocks import BlockStore, BlockStoreError
+from wancache.cache.journal import Journal, JournalError
 from wancache.cache.store import Store
+from wancache.cache.writeback import WriteBack
 from wancache.config import Config, ConfigError
 from wancache.control import ControlServer, Handler, Progress, socket_path
 from wancache.fs.notify import KernelNotifier
@@ -33,6 +36,7 @@ from wancache.nfs_backend.transport import TransportOptions
 log = logging.getLogger(__name__)
 
 MAX_FUSE_TASKS = 512   # FUSE requests served at once (each waits on the WAN)
+UNMOUNT_FLUSH = 60.0   # seconds an unmount waits for the write-back journal to drain
 
 
 class MountPointError(ConfigError):
@@ -94,6 +98,31 @@ async def open_block_store(cfg: Config, path: Path | None) -> BlockStore | None:
         raise ConfigError(f"cache_dir {path}: {exc}") from None
 
 
+async def open_journal(cfg: Config) -> Journal | None:
+    """The write-back journal under cache_dir (None when writing through)."""
+    if not cfg.writeback or cfg.cache_dir is None:
+        return None
+    try:
+        return await Journal.open(cfg.cache_dir / "journal")
+    except JournalError as exc:
+        raise ConfigError(f"write-back journal in {cfg.cache_dir}: {exc}") from None
+
+
+async def flush_before_exit(wb: WriteBack, cfg: Config) -> None:
+    """Put what is journaled on the server, within `UNMOUNT_FLUSH` seconds."""
+    if not wb.pending_ops:
+        return
+    log.info("flushing %d changes to the server before exiting", wb.pending_ops)
+    with trio.move_on_after(UNMOUNT_FLUSH):
+        # What fails is logged (and its data saved in lost+found) when it fails.
+        with contextlib.suppress(OSError):
+            await wb.sync()
+        return
+    log.warning("%d changes could not reach the server %s; they stay in the journal in %s "
+                "and are flushed at the next mount", wb.pending_ops, cfg.host,
+                cfg.cache_dir)
+
+
 def transport_options(cfg: Config) -> TransportOptions:
     return TransportOptions(timeout=None if cfg.hard else cfg.timeout, timeo=cfg.timeo,
                             nconnect=cfg.nconnect, resvport=cfg.resvport)
@@ -144,13 +173,24 @@ def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[st
                 "dirs": {"listings": len(store.dirs)},
                 "data": asdict(store.data.stats) if store.data is not None else {},
                 "blocks": asdict(store.data.blocks.stats)
-                if store.data is not None and store.data.blocks is not None else {}}
+                if store.data is not None and store.data.blocks is not None else {},
+                "writeback": {**asdict(store.wb.stats), "pending": store.wb.pending_ops,
+                              "dirty_bytes": store.wb.dirty_bytes,
+                              "oldest_seconds": store.wb.oldest_age()}
+                if store.wb is not None else {}}
 
     async def reset_stats(req: dict[str, Any], progress: Progress) -> Any:
         client.stats.reset()
         return None
 
-    return {"ping": ping, "stats": stats, "reset_stats": reset_stats}
+    async def flush(req: dict[str, Any], progress: Progress) -> Any:
+        wb = store.wb
+        if wb is None:
+            return {"pending": 0}
+        await wb.sync()
+        return {"pending": wb.pending_ops}
+
+    return {"ping": ping, "stats": stats, "reset_stats": reset_stats, "flush": flush}
 
 
 async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
@@ -183,6 +223,11 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
     cancelled (and done) before the caller closes the block store and the client."""
     async with trio.open_nursery() as workers:
         store = await Store.open(client, cfg, workers, blocks)
+        journal = await open_journal(cfg)
+        if journal is not None:
+            store.wb = WriteBack(store, cfg, journal)
+            await store.wb.replay()
+            await workers.start(store.wb.run)
         ops = Operations(store, cfg)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -200,5 +245,11 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
         finally:
             with trio.CancelScope(shield=True):
                 pyfuse3.close(unmount=True)
-            log.info("unmounted %s", cfg.mountpoint)
+                log.info("unmounted %s", cfg.mountpoint)
+                if store.wb is not None:
+                    await flush_before_exit(store.wb, cfg)
+                    await store.wb.stop()
+                    await store.wb.drain()
+                if journal is not None:
+                    await journal.close()
             workers.cancel_scope.cancel()

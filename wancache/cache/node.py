@@ -6,6 +6,13 @@ from dataclasses import dataclass, field
 
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3
 
+LOCAL_PREFIX = b"\0wancache-local\0"   # placeholder handles of nodes created locally
+
+
+def local_fh(local_id: int) -> bytes:
+    """The placeholder handle of the locally created node `local_id`."""
+    return LOCAL_PREFIX + local_id.to_bytes(8, "big")
+
 
 @dataclass(eq=False, slots=True, weakref_slot=True)
 class Node:
@@ -23,6 +30,7 @@ class Node:
     parent: Node | None = None
     name: bytes = b""
     gone: bool = field(default=False)   # removed on the server by us
+    local_id: int | None = None         # created here: the write-back layer's id for it
 
     @classmethod
     def from_attrs(cls, fh: bytes, attrs: Fattr3, parent: Node | None = None,
@@ -37,6 +45,11 @@ class Node:
     @property
     def is_dir(self) -> bool:
         return self.ftype is Ftype3.DIR
+
+    @property
+    def is_local(self) -> bool:
+        """Created here and not yet on the server: `fh` is a placeholder."""
+        return self.fh.startswith(LOCAL_PREFIX)
 
     def path(self) -> bytes:
         """The last known path below the mount root (for log messages)."""

@@ -20,7 +20,7 @@ import os
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 from cachetools import LRUCache
@@ -39,6 +39,9 @@ from .dirs import DirCache, DirRecord, Listing
 from .flight import SingleFlight
 from .node import Node
 from .readahead import ReadAhead
+
+if TYPE_CHECKING:
+    from .writeback import WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,7 @@ class Store:
         # name's attributes (its other hard links' link count) without a listing.
         self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(cfg.attr_entries)
         self.name_max = client.info.name_max
+        self.wb: WriteBack | None = None    # set when write-back is on
 
     @classmethod
     async def open(cls, client: NfsClient, cfg: Config, nursery: trio.Nursery | None = None,
@@ -170,6 +174,63 @@ class Store:
             self._names[(parent.fh, name)] = fh
         return node
 
+    @property
+    def nursery(self) -> trio.Nursery:
+        assert self._nursery is not None
+        return self._nursery
+
+    def register(self, node: Node) -> None:
+        """Make `node` the one Node of its handle (for nodes created elsewhere)."""
+        self._nodes[node.fh] = node
+
+    def node_by_fh(self, fh: bytes) -> Node:
+        """The Node of a handle whose attributes are cached (KeyError otherwise)."""
+        node = self._nodes.get(fh)
+        if node is not None:
+            return node
+        entry = self.attrs.peek(fh)
+        if entry is None:
+            raise KeyError(fh)
+        return self.node_for(fh, entry.attrs)
+
+    async def ensure_node(self, fh: bytes) -> Node:
+        """The Node of a handle, asking the server for its attributes if needed."""
+        try:
+            return self.node_by_fh(fh)
+        except KeyError:
+            attrs = await self.client.getattr(fh, Cred.root())
+            return self.node_for(fh, attrs)
+
+    def rebind(self, node: Node, fh: bytes, attrs: Fattr3) -> None:
+        """A node created here now exists on the server under `fh`."""
+        if self._nodes.get(node.fh) is node:
+            del self._nodes[node.fh]
+        node.fh = fh
+        node.fileid, node.fsid = attrs.fileid, attrs.fsid
+        self._nodes[fh] = node
+        if node.parent is not None:
+            self._names[(node.parent.fh, node.name)] = fh
+        self.attrs.update(fh, attrs, None, trio.current_time())
+
+    def server_changed_dir(self, parent: Node, wcc: WccData, name: bytes, *,
+                           added: Node | None = None, removed: bool = False) -> None:
+        """The flusher changed `parent` on the server: keep its cached listing right."""
+        if removed:
+            self._forget_child(parent, name)
+        new = (added.fileid, added.fh, added.ftype) if added is not None and \
+            not added.is_local else None
+        self._changed_dir(parent, wcc, name, added=new, removed=removed)
+
+    def rename_local_entry(self, parent: Node, old: bytes, new: bytes, node: Node) -> None:
+        """Our new file lost its name to another client's: it is now called `new`."""
+        assert self.wb is not None
+        ov = self.wb.overlay(parent)
+        if ov is not None and ov.entries.get(old) is node:
+            seq = ov.entry_seq.pop(old)
+            del ov.entries[old]
+            ov.entries[new], ov.entry_seq[new] = node, seq
+        node.name = new
+
     def known_node(self, fh: bytes) -> Node | None:
         """The Node of `fh` if something still refers to it."""
         return self._nodes.get(fh)
@@ -179,6 +240,8 @@ class Store:
         (none for files in cto mode, whose attributes each open may refresh)."""
         if not self.caching or (self.cfg.consistency == "cto" and not node.is_dir):
             return 0.0
+        if self.wb is not None and self.wb.overlay(node) is not None:
+            return 0.0    # local changes: ask us, we answer without the server
         return self.attrs.remaining(node.fh)
 
     def entry_ttl(self, parent: Node, name: bytes) -> float:
@@ -187,7 +250,7 @@ class Store:
 
     def negative_ttl(self, parent: Node, name: bytes) -> float:
         """Seconds the kernel may remember that `name` is missing (0: do not)."""
-        if not self.caching:
+        if not self.caching or (self.wb is not None and self.wb.overlay(parent) is not None):
             return 0.0
         left = self.dirs.missing_for(parent.fh, name)
         listing = self.dirs.get(parent.fh)
@@ -233,6 +296,14 @@ class Store:
 
     async def getattr(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
         """Attributes of `node`: cached within their lease unless `fresh`."""
+        if self.wb is not None:
+            ov = self.wb.overlay(node)
+            if ov is not None:
+                return ov.attrs
+        return await self._server_attrs(node, cred, fresh=fresh)
+
+    async def _server_attrs(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
+        """The server's attributes of `node` (without local changes)."""
         if self.caching and not fresh:
             entry = self.attrs.get(node.fh)
             if entry is not None:
@@ -243,6 +314,12 @@ class Store:
         """The child `name` of `parent` (NfsError NOENT if there is none)."""
         if name == b".":
             return parent, await self.getattr(parent, cred)
+        if self.wb is not None and name != b"..":
+            known, node = self.wb.entry(parent, name)
+            if known and node is not None:
+                return node, await self.getattr(node, cred)
+            if known or self.wb.is_local_dir(parent):
+                raise NfsError(NOENT, "LOOKUP")
         if self.caching and name != b"..":
             found = await self._cached_lookup(parent, name, cred)
             if found is not None:
@@ -317,6 +394,9 @@ class Store:
                 listener(parent, name)
 
     async def setattr(self, node: Node, attrs: Sattr3, cred: Cred) -> Fattr3:
+        if self.wb is not None:
+            await self.getattr(node, cred)    # the base the change applies to
+            return await self.wb.setattr(node, attrs, cred)
         if attrs.size is not None:
             await self.commit(node, cred)
         res = await self._on(node, cred, lambda fh: self.client.setattr(fh, attrs, cred))
@@ -326,9 +406,15 @@ class Store:
 
     async def access(self, node: Node, mask: int, cred: Cred) -> int:
         """The subset of ACCESS3_* bits in `mask` the server grants `cred`."""
+        if node.is_local:
+            return mask   # not on the server yet: the kernel checked the mode bits
         return await self._on(node, cred, lambda fh: self.client.access(fh, mask, cred))
 
     async def readlink(self, node: Node, cred: Cred) -> bytes:
+        if self.wb is not None:
+            ov = self.wb.overlay(node)
+            if ov is not None and ov.target:
+                return ov.target
         return await self._on(node, cred, lambda fh: self.client.readlink(fh, cred))
 
     async def statfs(self, cred: Cred) -> nfs3.FsstatRes:
@@ -366,9 +452,35 @@ class Store:
         self._changed_dir(parent, res.dir_wcc, name, added=(attrs.fileid, fh, attrs.type))
         return self.node_for(fh, attrs, parent, name), attrs
 
+    async def _existing(self, parent: Node, name: bytes,
+                        cred: Cred) -> tuple[Node, Fattr3] | None:
+        """The child `name` of `parent` as users see it now, or None."""
+        try:
+            return await self.lookup(parent, name, cred)
+        except NfsError as exc:
+            if exc.status == NOENT:
+                return None
+            raise
+
+    async def _local_create(self, parent: Node, name: bytes, ftype: Ftype3, mode: int,
+                            cred: Cred, *, target: bytes = b"", rdev: tuple[int, int] = (0, 0)
+                            ) -> tuple[Node, Fattr3]:
+        """Write-back: create here, after the checks the server would make."""
+        assert self.wb is not None
+        if await self._existing(parent, name, cred) is not None:
+            raise StoreError(errno.EEXIST, "exists")
+        return await self.wb.create(parent, name, ftype, mode, cred, target=target, rdev=rdev)
+
     async def create(self, parent: Node, name: bytes, mode: int, cred: Cred, *,
                      exclusive: bool) -> tuple[Node, Fattr3]:
         """A new regular file (GUARDED: EEXIST if `exclusive` and it exists)."""
+        if self.wb is not None:
+            found = await self._existing(parent, name, cred)
+            if found is not None:
+                if exclusive:
+                    raise StoreError(errno.EEXIST, "exists")
+                return found
+            return await self.wb.create(parent, name, Ftype3.REG, mode, cred)
         how = nfs3.CreateMode.GUARDED if exclusive else nfs3.CreateMode.UNCHECKED
         res = await self._on(parent, cred, lambda fh: self.client.create(
             fh, name, cred, mode=how, attrs=Sattr3(mode=mode & 0o7777)))
@@ -376,24 +488,36 @@ class Store:
 
     async def mkdir(self, parent: Node, name: bytes, mode: int,
                     cred: Cred) -> tuple[Node, Fattr3]:
+        if self.wb is not None:
+            return await self._local_create(parent, name, Ftype3.DIR, mode, cred)
         res = await self._on(parent, cred, lambda fh: self.client.mkdir(
             fh, name, Sattr3(mode=mode & 0o7777), cred))
         return await self._new_entry(parent, name, res, cred)
 
     async def symlink(self, parent: Node, name: bytes, target: bytes,
                       cred: Cred) -> tuple[Node, Fattr3]:
+        if self.wb is not None:
+            return await self._local_create(parent, name, Ftype3.LNK, 0o777, cred,
+                                            target=target)
         res = await self._on(parent, cred, lambda fh: self.client.symlink(
             fh, name, target, Sattr3(), cred))
         return await self._new_entry(parent, name, res, cred)
 
     async def mknod(self, parent: Node, name: bytes, ftype: Ftype3, mode: int,
                     rdev: tuple[int, int], cred: Cred) -> tuple[Node, Fattr3]:
+        if self.wb is not None:
+            return await self._local_create(parent, name, ftype, mode, cred, rdev=rdev)
         spec = rdev if ftype in (Ftype3.CHR, Ftype3.BLK) else None
         res = await self._on(parent, cred, lambda fh: self.client.mknod(
             fh, name, ftype, Sattr3(mode=mode & 0o7777), cred, spec))
         return await self._new_entry(parent, name, res, cred)
 
     async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Fattr3:
+        if self.wb is not None:
+            if await self._existing(parent, name, cred) is not None:
+                raise StoreError(errno.EEXIST, "exists")
+            await self.getattr(node, cred)
+            return await self.wb.link(node, parent, name, cred)
         res = await self._on(node, cred,
                              lambda fh: self.client.link(fh, parent.fh, name, cred))
         attrs = res.file_attributes or await self.getattr(node, cred, fresh=True)
@@ -402,6 +526,13 @@ class Store:
         return attrs
 
     async def remove(self, parent: Node, name: bytes, cred: Cred) -> None:
+        if self.wb is not None:
+            found = await self._existing(parent, name, cred)
+            if found is None:
+                raise NfsError(NOENT, "REMOVE")
+            if found[1].type is Ftype3.DIR:
+                raise StoreError(errno.EISDIR, "is a directory")
+            return await self.wb.remove(parent, name, found[0], cred, is_dir=False)
         try:
             res = await self._on(parent, cred, lambda fh: self.client.remove(fh, name, cred))
         except NfsError as exc:
@@ -412,6 +543,16 @@ class Store:
         self._changed_dir(parent, res.dir_wcc, name, removed=True)
 
     async def rmdir(self, parent: Node, name: bytes, cred: Cred) -> None:
+        if self.wb is not None:
+            found = await self._existing(parent, name, cred)
+            if found is None:
+                raise NfsError(NOENT, "RMDIR")
+            node, attrs = found
+            if attrs.type is not Ftype3.DIR:
+                raise StoreError(errno.ENOTDIR, "not a directory")
+            if await self._has_entries(node, cred):
+                raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RMDIR")
+            return await self.wb.remove(parent, name, node, cred, is_dir=True)
         try:
             res = await self._on(parent, cred, lambda fh: self.client.rmdir(fh, name, cred))
         except NfsError as exc:
@@ -438,6 +579,9 @@ class Store:
                      cred: Cred, *, noreplace: bool = False) -> None:
         """RENAME; with `noreplace`, EEXIST if the target exists (checked first:
         NFSv3 has no atomic no-replace rename, so a racing creator can still lose)."""
+        if self.wb is not None:
+            return await self._local_rename(src, src_name, dst, dst_name, cred,
+                                            noreplace=noreplace)
         if noreplace:
             try:
                 await self.client.lookup(dst.fh, dst_name, cred)
@@ -469,6 +613,34 @@ class Store:
             self._changed_dir(dst, res.todir_wcc, dst_name, removed=True,
                               added=(moved.fileid, moved.fh, moved.ftype))
 
+    async def _local_rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
+                            cred: Cred, *, noreplace: bool) -> None:
+        """Write-back rename, after the checks the server would make."""
+        assert self.wb is not None
+        found = await self._existing(src, src_name, cred)
+        if found is None:
+            raise NfsError(NOENT, "RENAME")
+        node, attrs = found
+        target = await self._existing(dst, dst_name, cred)
+        replaced = None
+        if target is not None:
+            if target[0] is node:
+                return
+            if noreplace:
+                raise StoreError(errno.EEXIST, "rename target exists")
+            replaced, tattrs = target
+            if attrs.type is Ftype3.DIR and tattrs.type is not Ftype3.DIR:
+                raise StoreError(errno.ENOTDIR, "not a directory")
+            if attrs.type is not Ftype3.DIR and tattrs.type is Ftype3.DIR:
+                raise StoreError(errno.EISDIR, "is a directory")
+            if tattrs.type is Ftype3.DIR and await self._has_entries(replaced, cred):
+                raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RENAME")
+        await self.wb.rename(src, src_name, dst, dst_name, node, replaced, cred)
+
+    async def _has_entries(self, node: Node, cred: Cred) -> bool:
+        records = await self.merged_records(node, cred)
+        return any(r.name not in (b".", b"..") for r in records)
+
     async def silly_rename(self, parent: Node, name: bytes, node: Node,
                            cred: Cred) -> bytes:
         """Hide an unlinked but still open file under a temporary name (as NFS
@@ -492,19 +664,43 @@ class Store:
         if not self.caching:
             return await self._readdir_page(cursor, offset, cred)
         if offset == 0 or cursor.records is None:
-            cursor.records = (await self.listing(cursor.node, cred)).records
+            cursor.records = await self.merged_records(cursor.node, cred)
         records = cursor.records
         page = []
         for i, rec in enumerate(records[offset:offset + READDIR_PAGE], start=offset + 1):
             node, attrs = None, None
             if rec.fh is not None:
-                entry = self.attrs.peek(rec.fh)
-                if entry is not None:
-                    attrs = entry.attrs
-                    node = self.node_for(rec.fh, attrs) if rec.name in (b".", b"..") else \
-                        self.node_for(rec.fh, attrs, cursor.node, rec.name)
+                node = self._nodes.get(rec.fh)
+                ov = self.wb.overlay(node) if self.wb is not None and node is not None \
+                    else None
+                if ov is not None:
+                    attrs = ov.attrs
+                else:
+                    entry = self.attrs.peek(rec.fh)
+                    if entry is not None:
+                        attrs = entry.attrs
+                        node = self.node_for(rec.fh, attrs) if rec.name in (b".", b"..") \
+                            else self.node_for(rec.fh, attrs, cursor.node, rec.name)
             page.append(DirEntry(rec.name, rec.fileid, i, node, attrs))
         return page, offset + READDIR_PAGE >= len(records)
+
+    async def merged_records(self, node: Node, cred: Cred) -> list[DirRecord]:
+        """The directory as users see it: the server's listing with local changes."""
+        wb = self.wb
+        ov = wb.overlay(node) if wb is not None else None
+        if ov is not None and ov.local:
+            base: list[DirRecord] = []
+        else:
+            base = (await self.listing(node, cred)).records
+        if ov is None or not ov.entries:
+            return base
+        by_name = {r.name: r for r in base}
+        for name, child in ov.entries.items():
+            if child is None:
+                by_name.pop(name, None)
+            else:
+                by_name[name] = DirRecord(name, child.fileid, child.fh, child.ftype)
+        return list(by_name.values())
 
     async def _readdir_page(self, cursor: DirCursor, offset: int,
                             cred: Cred) -> tuple[list[DirEntry], bool]:
@@ -630,11 +826,24 @@ class Store:
 
     async def read(self, node: Node, offset: int, size: int, cred: Cred, *,
                    ra: ReadAhead | None = None, direct: bool = False) -> bytes:
-        """Up to `size` bytes at `offset` (fewer only at end of file): from the block
-        cache within the attribute lease, else from the server."""
+        """Up to `size` bytes at `offset` (fewer only at end of file): local changes
+        first, then the block cache within the attribute lease, else the server."""
+        if self.wb is not None:
+            ov = self.wb.overlay(node)
+            if ov is not None and ov.file is not None:
+                lo, hi = ov.file.base_span(offset, size)
+                base = b""
+                if hi > lo and not node.is_local:
+                    base = await self._read_server(node, lo, hi - lo, cred, ra, direct)
+                return ov.file.apply(offset, size, base)
+        return await self._read_server(node, offset, size, cred, ra, direct)
+
+    async def _read_server(self, node: Node, offset: int, size: int, cred: Cred,
+                           ra: ReadAhead | None, direct: bool) -> bytes:
+        """The server's bytes (through the block cache unless `direct`)."""
         if self.data is not None and not direct:
             for _attempt in range(3):
-                attrs = await self.getattr(node, cred)
+                attrs = await self._server_attrs(node, cred)
                 try:
                     return await self.data.read(node, attrs, offset, size, cred, ra)
                 except VersionChanged:
@@ -672,7 +881,15 @@ class Store:
 
     async def write(self, node: Node, offset: int, data: bytes, cred: Cred, *,
                     stable: StableHow = StableHow.UNSTABLE) -> int:
-        """Write through to the server; UNSTABLE data is kept until COMMIT."""
+        """Write-back: journal it (O_DIRECT: and wait until it is on the server).
+        Write-through: send it now; UNSTABLE data is kept until COMMIT."""
+        if self.wb is not None:
+            if not node.is_local and self.attrs.peek(node.fh) is None:
+                await self._server_attrs(node, cred)   # the base our bytes go over
+            written = await self.wb.write(node, offset, data, cred)
+            if stable != StableHow.UNSTABLE:
+                await self.fsync(node, cred)
+            return written
         wsize = self.info.wsize
         state = self._files.setdefault(node, _FileState())
         view = memoryview(data)
@@ -710,6 +927,28 @@ class Store:
             state.unstable[:0] = pending
             state.unstable_bytes += sum(len(w.data) for w in pending)
             raise
+
+    async def fsync(self, node: Node, cred: Cred) -> None:
+        """Wait until `node`'s changes are committed on the server."""
+        if self.wb is None:
+            await self.commit(node, cred)
+            return
+        if self.cfg.hard:
+            await self.wb.sync(node)
+            return
+        with trio.move_on_after(self.cfg.timeout):
+            await self.wb.sync(node)
+            return
+        raise StoreError(errno.EIO, "the server did not take the changes in time "
+                         "(they stay journaled and will be flushed)")
+
+    async def closed(self, node: Node, cred: Cred) -> None:
+        """A writer closed `node`: write-through commits; write-back flushes only in
+        cto mode (close-to-open), else the flusher takes its time."""
+        if self.wb is None:
+            await self.commit(node, cred)
+        elif self.cfg.consistency == "cto":
+            await self.fsync(node, cred)
 
     def release(self, node: Node) -> None:
         """The last open of `node` was closed (its write state may go)."""

@@ -432,11 +432,11 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh: int) -> None:
         of = self._file(fh)
         if of.writable:
-            await self.store.commit(of.node, of.cred)
+            await self.store.closed(of.node, of.cred)
 
     async def fsync(self, fh: int, datasync: bool) -> None:
         of = self._file(fh)
-        await self.store.commit(of.node, of.cred)
+        await self.store.fsync(of.node, of.cred)
 
     async def release(self, fh: int) -> None:
         of = self._files.pop(fh, None)
@@ -445,7 +445,7 @@ class Operations(pyfuse3.Operations):
         remaining = self.inodes.closed(of.node)
         try:
             if of.writable:
-                await self.store.commit(of.node, of.cred)
+                await self.store.closed(of.node, of.cred)
         finally:
             if remaining == 0:
                 self.store.release(of.node)
