@@ -27,6 +27,7 @@ from wancache.cache.store import Store
 from wancache.cache.writeback import WriteBack
 from wancache.config import Config, ConfigError
 from wancache.control import ControlServer, Handler, Progress, socket_path
+from wancache.fs.errors import REQUESTS
 from wancache.fs.notify import KernelNotifier
 from wancache.fs.operations import Operations
 from wancache.nfs_backend.client import ClientOptions, NfsClient, open_client
@@ -168,6 +169,7 @@ def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[st
         return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
                 "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
                 "server_up": client.up, "inodes": len(ops.inodes),
+                "fuse_requests": dict(REQUESTS),
                 "open_files": ops.open_files,
                 "attrs": {**asdict(store.attrs.stats), "entries": len(store.attrs)},
                 "dirs": {"listings": len(store.dirs)},

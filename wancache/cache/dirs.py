@@ -6,6 +6,10 @@ decides with one GETATTR when that lease has run out.  Our own changes to a
 directory patch its listing when the reply's pre-operation attributes prove that
 nobody else changed the directory in between; otherwise the listing is dropped.
 
+A directory the write-back layer created gets an empty listing of its own, trusted
+for the directory lease without version checks (every change in it so far is
+ours, and their replies may come back in any order).
+
 A name that is not there is remembered for `neg_lease` seconds, per directory
 (LRU, bounded), and forgotten at once when we create that name ourselves.
 """
@@ -40,6 +44,9 @@ class Listing:
 
     by_name: dict[bytes, DirRecord]
     version: tuple[int, int, int]
+    # A directory we created ourselves is known without asking: until then its
+    # listing is trusted as ours, whatever order our own changes' replies come in.
+    trusted_until: float = 0.0
 
     @classmethod
     def of(cls, records: list[DirRecord], version: tuple[int, int, int]) -> Listing:

@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 COMMIT_EVERY = 8 << 20   # uncommitted bytes after which a COMMIT is sent anyway
 READDIR_PAGE = 512       # entries handed to the FUSE layer per readdir step
+# Attributes with local changes are not cached by the kernel: it asks us (no RPC).
+# (With a timeout, this kernel kept a directory's old mode after our setattr reply.)
+LOCAL_ATTR_TTL = 0.0
 NOENT = Nfsstat3.NFS3ERR_NOENT
 
 
@@ -241,7 +244,7 @@ class Store:
         if not self.caching or (self.cfg.consistency == "cto" and not node.is_dir):
             return 0.0
         if self.wb is not None and self.wb.overlay(node) is not None:
-            return 0.0    # local changes: ask us, we answer without the server
+            return LOCAL_ATTR_TTL   # local changes: the kernel sees them all anyway
         return self.attrs.remaining(node.fh)
 
     def entry_ttl(self, parent: Node, name: bytes) -> float:
@@ -250,11 +253,16 @@ class Store:
 
     def negative_ttl(self, parent: Node, name: bytes) -> float:
         """Seconds the kernel may remember that `name` is missing (0: do not)."""
-        if not self.caching or (self.wb is not None and self.wb.overlay(parent) is not None):
+        if not self.caching:
             return 0.0
+        if self.wb is not None:
+            known, node = self.wb.entry(parent, name)
+            if (known and node is None) or (not known and self.wb.is_local_dir(parent)):
+                return self.cfg.lease_bounds(True)[0]   # only we can change that name
         left = self.dirs.missing_for(parent.fh, name)
         listing = self.dirs.get(parent.fh)
         if listing is not None and name not in listing.by_name:
+            left = max(left, listing.trusted_until - trio.current_time())
             entry = self.attrs.peek(parent.fh)
             if entry is not None and version(entry.attrs) == listing.version:
                 confirmed = entry.fetched + self.cfg.neg_lease - trio.current_time()
@@ -349,7 +357,8 @@ class Store:
         if rec is None:
             entry = self.attrs.peek(parent.fh)
             assert entry is not None
-            if entry.fetched + self.cfg.neg_lease <= trio.current_time():
+            if entry.fetched + self.cfg.neg_lease <= trio.current_time() and \
+                    listing.trusted_until <= trio.current_time():
                 # Trust a listing's silence only as long as a negative lookup.
                 await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
                 if await self._valid_names(parent, cred) is not listing:
@@ -375,6 +384,8 @@ class Store:
         listing = self.dirs.get(parent.fh)
         if listing is None:
             return None
+        if listing.trusted_until > trio.current_time():
+            return listing
         attrs = self.attrs.valid(parent.fh)
         if attrs is None:
             attrs = await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
@@ -431,7 +442,9 @@ class Store:
         listing = self.dirs.get(parent.fh)
         if listing is None:
             return
-        if wcc.before is None or wcc.after is None or \
+        if listing.trusted_until > trio.current_time():
+            pass    # ours: apply the change whatever the order of the replies
+        elif wcc.before is None or wcc.after is None or \
                 (wcc.before.mtime.to_ns(), wcc.before.ctime.to_ns(), wcc.before.size) \
                 != listing.version:
             self.dirs.drop(parent.fh)
@@ -440,7 +453,15 @@ class Store:
             listing.remove(name)
         if added is not None:
             listing.add(name, added[0], added[1], added[2])
-        listing.version = version(wcc.after)
+        if wcc.after is not None:
+            listing.version = version(wcc.after)
+
+    def install_own_listing(self, node: Node, attrs: Fattr3) -> None:
+        """`node` is a directory we just created on the server: it is empty but for
+        what we put in it, so trust our listing of it for the directory lease."""
+        lo, _ = self.cfg.lease_bounds(True)
+        self.dirs.put(node.fh, Listing({}, version(attrs),
+                                       trusted_until=trio.current_time() + lo))
 
     async def _new_entry(self, parent: Node, name: bytes, res: nfs3.DirOpRes,
                          cred: Cred) -> tuple[Node, Fattr3]:
@@ -733,7 +754,8 @@ class Store:
 
     def _fresh(self, node: Node, listing: Listing) -> bool:
         attrs = self.attrs.valid(node.fh)
-        if attrs is None or version(attrs) != listing.version:
+        if listing.trusted_until <= trio.current_time() and \
+                (attrs is None or version(attrs) != listing.version):
             return False
         valid = self.attrs.valid
         return all(rec.fh is None or valid(rec.fh) is not None

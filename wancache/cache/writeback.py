@@ -35,6 +35,7 @@ journaled), a REMOVE's ENOENT means the same; writes are idempotent.
 from __future__ import annotations
 
 import errno
+import heapq
 import json
 import logging
 import math
@@ -73,7 +74,11 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"WBO1"
 JOBS = 64                   # flush jobs in flight
+FOREGROUND_JOBS = 4         # ... while applications keep changing files here
+FOREGROUND_WINDOW = 0.25    # seconds after a local change that count as busy
 WRITES_PER_FILE = 16        # WRITEs in flight for one file
+SMALL_WRITE = 64 << 10      # a flush of one WRITE up to this size is FILE_SYNC
+COMPLETE_EVERY = 0.2        # seconds between journal writes marking ops done
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 TRANSIENT = {Nfsstat3.NFS3ERR_JUKEBOX, Nfsstat3.NFS3ERR_SERVERFAULT, Nfsstat3.NFS3ERR_IO}
 CREATES = ("create", "mkdir", "symlink", "mknod")
@@ -171,6 +176,54 @@ class Pending:
     attempts: int = 0
 
 
+class _ReadyQueue:
+    """Ops whose dependencies are done: due ones by seq (journal order), the rest
+    by due time.  Removal is lazy (a removed op is skipped when it surfaces)."""
+
+    def __init__(self) -> None:
+        self._due: list[tuple[int, Pending]] = []
+        self._later: list[tuple[float, int, Pending]] = []
+        self._members: set[Pending] = set()
+
+    def __contains__(self, p: Pending) -> bool:
+        return p in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, p: Pending) -> None:
+        if p not in self._members:
+            self._members.add(p)
+            heapq.heappush(self._later, (p.due, p.op.seq, p))
+
+    def discard(self, p: Pending) -> None:
+        self._members.discard(p)
+
+    def promote_urgent(self) -> None:
+        """Urgent ops (someone waits in fsync) skip writeback_delay (not a backoff)."""
+        keep = []
+        for item in self._later:
+            p = item[2]
+            if p.urgent and not p.attempts and p in self._members:
+                heapq.heappush(self._due, (p.op.seq, p))
+            else:
+                keep.append(item)
+        heapq.heapify(keep)
+        self._later = keep
+
+    def head(self, now: float) -> tuple[Pending | None, float]:
+        """The first due op (not removed from the queue), and when the next falls due."""
+        while self._later and self._later[0][0] <= now:
+            _, seq, p = heapq.heappop(self._later)
+            heapq.heappush(self._due, (seq, p))
+        while self._due:
+            seq, p = self._due[0]
+            if p in self._members and not p.started:
+                return p, math.inf
+            heapq.heappop(self._due)
+        return None, self._later[0][0] if self._later else math.inf
+
+
 @dataclass
 class WriteBackStats:
     """What the write-back layer did (metrics, status)."""
@@ -212,12 +265,15 @@ class WriteBack:
         self._by_node: dict[Node, list[Pending]] = {}
         self._writer: dict[Key, Pending] = {}
         self._readers: dict[Key, list[Pending]] = {}
-        self._ready: set[Pending] = set()
+        self._ready = _ReadyQueue()
+        self._urgent = False
         self._wakeup = trio.Event()
         self._room = trio.Event()
-        self._jobs = trio.Semaphore(JOBS)
+        self._running = 0                 # flush jobs in flight
+        self.last_local_change = -math.inf   # trio time of the last change journaled
         self._replayed_up_to = 0     # ops up to this seq come from before a restart
-        self._completing = 0
+        self._to_complete: list[int] = []
+        self._completer_running = False
         self._completed = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -257,6 +313,7 @@ class WriteBack:
     async def _record(self, op: Op) -> int:
         """Append `op` durably; returns its seq."""
         op.time_ns = op.time_ns or time.time_ns()
+        self.last_local_change = trio.current_time()
         return await self.journal.append(encode_op(op))
 
     def _overlay_for(self, node: Node, attrs: Fattr3, *, local: bool = False) -> NodeOverlay:
@@ -350,6 +407,7 @@ class WriteBack:
         op = Op("write", cred.uid, cred.gid, cred.groups, node=_ref(node), offset=offset,
                 base=base, data=memoryview(data))
         record = encode_op(op)
+        self.last_local_change = trio.current_time()
         op.seq = await self.journal.append(record)
         op.data = memoryview(record)[len(record) - len(data):]
         self._apply(op, replaying=False)
@@ -387,6 +445,7 @@ class WriteBack:
             return
         for p in self._pending.values():
             p.urgent = True
+        self._urgent = True
         self._wake()
         with trio.move_on_after(self.cfg.dirty_wait):
             while self.dirty_bytes + size > self.cfg.max_dirty and self.dirty_bytes:
@@ -600,24 +659,33 @@ class WriteBack:
             self._schedule_complete([bind])
 
     def _schedule_complete(self, seqs: list[int]) -> None:
-        """Mark `seqs` done in the journal, in the background (drain() waits for it)."""
-        self._completing += 1
-        self.store.nursery.start_soon(self._complete_seqs, seqs)
+        """Mark `seqs` done in the journal soon: one background task takes whatever
+        has gathered, so many finished ops share one journal write."""
+        self._to_complete.extend(seqs)
+        if not self._completer_running:
+            self._completer_running = True
+            self.store.nursery.start_soon(self._completer)
 
-    async def _complete_seqs(self, seqs: list[int]) -> None:
+    async def _completer(self) -> None:
         try:
-            await self.journal.complete(seqs)
-        except Exception as exc:   # the op is on the server; replaying it is harmless
-            log.warning("could not mark write-back records %s done: %s", seqs, exc)
+            while self._to_complete:
+                # Completions are not urgent: gathering them keeps the journal free
+                # for the appends applications are waiting for.
+                await trio.sleep(COMPLETE_EVERY)
+                seqs, self._to_complete = self._to_complete, []
+                try:
+                    await self.journal.complete(seqs)
+                except Exception as exc:   # the ops are on the server; a replay is harmless
+                    log.warning("could not mark %d write-back records done: %s",
+                                len(seqs), exc)
         finally:
-            self._completing -= 1
-            if not self._completing:
-                self._completed.set()
-                self._completed = trio.Event()
+            self._completer_running = False
+            self._completed.set()
+            self._completed = trio.Event()
 
     async def drain(self) -> None:
         """Wait until every finished op is also marked done in the journal."""
-        while self._completing:
+        while self._completer_running:
             await self._completed.wait()
 
     # -- sync points -----------------------------------------------------------------------
@@ -633,6 +701,7 @@ class WriteBack:
             if not p.urgent:
                 p.urgent = True
                 stack.extend(p.deps)
+        self._urgent = True
         self._wake()
         for p in targets:
             await p.done.wait()
@@ -647,27 +716,26 @@ class WriteBack:
         self._wakeup.set()
 
     def _next_batch(self) -> tuple[list[Pending], float]:
-        """Ops to run now (one batch), and when the next ready op falls due.  Urgent
-        ops (someone waits in fsync) skip writeback_delay, not a retry's backoff."""
+        """Ops to run now (one batch), and when the next op falls due.  A run of a
+        file's WRITEs (or of its SETATTRs) that depend only on each other is one
+        batch."""
         now = trio.current_time()
-        next_due = math.inf
-        for p in sorted(self._ready, key=lambda x: x.op.seq):
-            if p.due > now and (not p.urgent or p.attempts):
-                next_due = min(next_due, p.due)
-                continue
-            batch = [p]
-            if p.op.kind == "write":
-                node = p.nodes[0]
-                for q in self._by_node.get(node, []):
-                    if q.op.seq <= batch[-1].op.seq or q.started:
-                        continue
-                    if q.op.kind != "write" or q.deps - set(batch):
-                        break
-                    if q.due > now and not q.urgent:
-                        break
-                    batch.append(q)
-            return batch, next_due
-        return [], next_due
+        if self._urgent:
+            self._urgent = False
+            self._ready.promote_urgent()
+        p, next_due = self._ready.head(now)
+        if p is None:
+            return [], next_due
+        batch = [p]
+        if p.op.kind in ("write", "setattr"):
+            for q in self._by_node.get(p.nodes[0], []):
+                if q.op.seq <= batch[-1].op.seq or q.started:
+                    continue
+                if q.op.kind != p.op.kind or q.deps - set(batch) or \
+                        (q.due > now and not q.urgent):
+                    break
+                batch.append(q)
+        return batch, next_due
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -685,6 +753,13 @@ class WriteBack:
             self._scope.cancel()
             await self._stopped.wait()
 
+    def _job_limit(self, batch: list[Pending]) -> int:
+        """Jobs allowed in flight: few while applications are busy here (they come
+        first: this process and the CPU are shared), all when idle or when someone
+        waits in fsync."""
+        busy = trio.current_time() - self.last_local_change < FOREGROUND_WINDOW
+        return JOBS if not busy or any(p.urgent for p in batch) else FOREGROUND_JOBS
+
     async def _flush_forever(self) -> None:
         async with trio.open_nursery() as jobs:
             while True:
@@ -694,7 +769,11 @@ class WriteBack:
                     with trio.move_on_at(next_due):
                         await self._wakeup.wait()
                     continue
-                await self._jobs.acquire()
+                if self._running >= self._job_limit(batch):
+                    with trio.move_on_after(FOREGROUND_WINDOW):
+                        await self._wakeup.wait()
+                    continue
+                self._running += 1
                 for p in batch:
                     p.started = True
                     self._ready.discard(p)
@@ -723,7 +802,8 @@ class WriteBack:
                 self.stats.ops_flushed += 1
                 self._finish(p)
         finally:
-            self._jobs.release()
+            self._running -= 1
+            self._wake()
 
     def _retry(self, batch: list[Pending], exc: BaseException) -> None:
         first = batch[0]
@@ -762,14 +842,15 @@ class WriteBack:
             await self._flush_data(batch)
         elif kind == "setattr":
             node = self._node(op.node)
-            if "size" in op.sattr and op.base and await self._conflicted(node, op.base):
+            a = {k: v for p in batch for k, v in p.op.sattr.items()}   # later ones win
+            base = next((p.op.base for p in batch if "size" in p.op.sattr and p.op.base), "")
+            if base and await self._conflicted(node, base):
                 return await self._conflict(node, batch)
-            a = op.sattr
             times = {k: (nfs3.TimeHow.SET_TO_SERVER_TIME if a[k] < 0
                          else NfsTime.from_ns(a[k])) for k in ("atime", "mtime") if k in a}
             sattr = Sattr3(mode=a.get("mode"), uid=a.get("uid"), gid=a.get("gid"),
                            size=a.get("size"), **times)
-            res = await client.setattr(self._fh(op.node), sattr, cred)
+            res = await client.setattr(self._fh(op.node), sattr, batch[-1].op.cred)
             self._remember_version(node, res.obj_wcc.after)
         elif kind in ("remove", "rmdir"):
             parent = self._node(op.parent)
@@ -862,6 +943,8 @@ class WriteBack:
             fh, attrs = look.object, look.obj_attributes
         assert fh is not None and attrs is not None
         self._bind(node, fh, attrs, op)
+        if ftype is Ftype3.DIR:
+            self.store.install_own_listing(node, attrs)
         self.store.server_changed_dir(parent, res.dir_wcc, name, added=node)
 
     def _bind(self, node: Node, fh: bytes, attrs: Fattr3, op: Op) -> None:
@@ -908,6 +991,15 @@ class WriteBack:
         for p in batch:
             merged.write(p.op.offset, p.op.data, p.op.seq)
         pieces = merged.ranges(self.client.info.wsize)
+        if len(pieces) == 1 and len(pieces[0][1]) <= SMALL_WRITE:
+            offset, data = pieces[0]     # one small WRITE: stable at once, no COMMIT
+            res = await self.client.write(fh, offset, bytes(data), cred,
+                                          stable=StableHow.FILE_SYNC)
+            if res.count != len(data):
+                raise OSError(errno.EIO, f"short WRITE ({res.count} of {len(data)})")
+            self._remember_version(node, res.file_wcc.after)
+            self.stats.bytes_flushed += len(data)
+            return
         for _round in range(3):
             verfs: list[bytes] = []
             slots = trio.Semaphore(WRITES_PER_FILE)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -27,6 +28,7 @@ from wancache.nfs_backend.errors import (
 )
 
 log = logging.getLogger("wancache.fs")
+REQUESTS: Counter[str] = Counter()   # FUSE requests served, per handler
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -77,6 +79,7 @@ def fuse_handler(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Map every exception of an async Operations method through `errno_of`."""
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        REQUESTS[fn.__name__] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:

@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 BLKSIZE = 128 * 1024          # st_blksize: tools size their I/O by it
 GROUPS_TTL = 2.0              # seconds a process's supplementary groups are trusted
-XATTR_ERRNO = errno.ENOTSUP   # NFSv3 has no extended attributes
+# NFSv3 has no extended attributes.  ENOSYS makes the kernel remember that and
+# answer ENOTSUP itself from then on, instead of asking us (e.g. for
+# security.capability before every write): users see ENOTSUP either way.
+XATTR_ERRNO = errno.ENOSYS
 NOENT = Nfsstat3.NFS3ERR_NOENT
 
 _FTYPES = {stat.S_IFREG: Ftype3.REG, stat.S_IFDIR: Ftype3.DIR, stat.S_IFLNK: Ftype3.LNK,
