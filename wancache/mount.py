@@ -23,6 +23,7 @@ import trio
 
 from wancache.cache.blocks import BlockStore, BlockStoreError
 from wancache.cache.journal import Journal, JournalError
+from wancache.cache.persist import SavedState, load_state, save_state
 from wancache.cache.store import Store
 from wancache.cache.writeback import WriteBack
 from wancache.config import Config, ConfigError
@@ -30,7 +31,8 @@ from wancache.control import ControlServer, Handler, Progress, socket_path
 from wancache.fs.errors import REQUESTS
 from wancache.fs.notify import KernelNotifier
 from wancache.fs.operations import Operations
-from wancache.nfs_backend.client import ClientOptions, NfsClient, open_client
+from wancache.nfs_backend.client import ClientOptions, NfsClient, offline_client, open_client
+from wancache.nfs_backend.errors import RpcTimeoutError, ServerUnreachableError
 from wancache.nfs_backend.stats import RpcStats
 from wancache.nfs_backend.transport import TransportOptions
 
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 MAX_FUSE_TASKS = 512   # FUSE requests served at once (each waits on the WAN)
 UNMOUNT_FLUSH = 60.0   # seconds an unmount waits for the write-back journal to drain
+SAVE_EVERY = 60.0      # seconds between saves of the metadata caches to cache_dir
 
 
 class MountPointError(ConfigError):
@@ -124,6 +127,21 @@ async def flush_before_exit(wb: WriteBack, cfg: Config) -> None:
                 cfg.cache_dir)
 
 
+async def _save(store: Store, cache_dir: Path) -> None:
+    """Save the metadata caches (a failure only costs a slower next start)."""
+    state = store.saved_state()
+    try:
+        await trio.to_thread.run_sync(save_state, cache_dir, state)
+    except OSError as exc:
+        log.warning("could not save the metadata caches in %s: %s", cache_dir, exc)
+
+
+async def _save_periodically(store: Store, cache_dir: Path) -> None:
+    while True:
+        await trio.sleep(SAVE_EVERY)
+        await _save(store, cache_dir)
+
+
 def transport_options(cfg: Config) -> TransportOptions:
     return TransportOptions(timeout=None if cfg.hard else cfg.timeout, timeo=cfg.timeo,
                             nconnect=cfg.nconnect, resvport=cfg.resvport)
@@ -140,12 +158,24 @@ def fuse_options(cfg: Config) -> set[str]:
     return opts
 
 
-async def connect(nursery: trio.Nursery, cfg: Config, stats: RpcStats) -> NfsClient:
-    """Discover the server, mount the export and start the client in `nursery`."""
+async def connect(nursery: trio.Nursery, cfg: Config, stats: RpcStats,
+                  saved: SavedState | None = None) -> NfsClient:
+    """Discover the server, mount the export and start the client in `nursery`.
+
+    If the server cannot be reached but `saved` holds what it told us last time, the
+    mount starts disconnected (serving the caches, journaling changes) and connects
+    when the server comes back.
+    """
     options = ClientOptions(nfs_port=cfg.nfs_port, mount_port=cfg.mount_port,
                             rsize=cfg.rsize, wsize=cfg.wsize,
                             transport=transport_options(cfg))
-    return await open_client(nursery, cfg.host, cfg.export, options, stats)
+    try:
+        return await open_client(nursery, cfg.host, cfg.export, options, stats)
+    except (ServerUnreachableError, RpcTimeoutError) as exc:
+        if saved is None or saved.info is None:
+            raise
+        log.warning("%s; mounting disconnected from the saved caches", exc)
+        return await offline_client(nursery, cfg.host, saved.info, options, stats)
 
 
 async def _stop_on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -203,13 +233,14 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     control_path = socket_path(cfg.mountpoint)
     stats = RpcStats()
     cache_dir = prepare_cache_dir(cfg)   # an unusable cache_dir fails before any network
+    saved = load_state(cache_dir, cfg.spec) if cache_dir is not None else None
     blocks: BlockStore | None = None
     try:
         async with trio.open_nursery() as nursery:
-            client = await connect(nursery, cfg, stats)
+            client = await connect(nursery, cfg, stats, saved)
             try:
                 blocks = await open_block_store(cfg, cache_dir)
-                await _serve_mounted(cfg, client, blocks, control_path, ready)
+                await _serve_mounted(cfg, client, blocks, control_path, ready, saved)
             finally:
                 client.close()
                 nursery.cancel_scope.cancel()
@@ -220,11 +251,12 @@ async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
 
 
 async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | None,
-                         control_path: Path, ready: Callable[[], None] | None) -> None:
+                         control_path: Path, ready: Callable[[], None] | None,
+                         saved: SavedState | None) -> None:
     """Mount FUSE and serve until unmounted; every worker runs in `workers`, which is
     cancelled (and done) before the caller closes the block store and the client."""
     async with trio.open_nursery() as workers:
-        store = await Store.open(client, cfg, workers, blocks)
+        store = await Store.open(client, cfg, workers, blocks, saved)
         journal = await open_journal(cfg)
         if journal is not None:
             store.wb = WriteBack(store, cfg, journal)
@@ -238,6 +270,8 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
         log.info("mounted %s at %s", cfg.spec, cfg.mountpoint)
         try:
             await workers.start(_stop_on_signals)
+            if cfg.cache_dir is not None and cfg.cache:
+                workers.start_soon(_save_periodically, store, cfg.cache_dir)
             await workers.start(KernelNotifier(store, ops.inodes).run)
             await workers.start(ControlServer(control_path,
                                               control_handlers(cfg, client, ops)).run)
@@ -254,4 +288,6 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
                     await store.wb.drain()
                 if journal is not None:
                     await journal.close()
+                if cfg.cache_dir is not None and cfg.cache:
+                    await _save(store, cfg.cache_dir)
             workers.cancel_scope.cancel()

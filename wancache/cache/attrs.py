@@ -13,6 +13,7 @@ A lease is counted from the moment the call that returned the attributes was
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,15 @@ class AttrCache:
             ours = before is not None and _pre_version(before) == version(old.attrs)
             for listener in self.listeners:
                 listener(fh, old.attrs, attrs, ours)
+
+    def load(self, fh: bytes, attrs: Fattr3) -> None:
+        """An entry saved before a restart: known, but expired (revalidate first)."""
+        if self.enabled and fh not in self._entries:
+            self._entries[fh] = AttrEntry(attrs, -math.inf, 0.0)
+
+    def items(self) -> list[tuple[bytes, Fattr3]]:
+        """Every (handle, attributes), for saving."""
+        return [(fh, e.attrs) for fh, e in self._entries.items()]
 
     def expire(self, fh: bytes) -> None:
         """Force the next use of `fh` to revalidate (keeps the attributes)."""

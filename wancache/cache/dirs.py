@@ -92,6 +92,9 @@ class DirCache:
     def drop(self, fh: bytes) -> Listing | None:
         return self._listings.pop(fh, None)
 
+    def items(self) -> list[tuple[bytes, Listing]]:
+        return list(self._listings.items())
+
     # -- negative lookups -----------------------------------------------------------
 
     def remember_missing(self, dir_fh: bytes, name: bytes, when: float) -> None:

@@ -14,6 +14,7 @@ declares stale by their last known path.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -28,7 +29,7 @@ from cachetools import LRUCache
 from wancache.config import Config
 from wancache.nfs_backend import nfs3
 from wancache.nfs_backend.client import NfsClient
-from wancache.nfs_backend.errors import NfsError
+from wancache.nfs_backend.errors import NfsError, TransportError
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, Sattr3, StableHow, WccData
 from wancache.nfs_backend.transport import Cred
 
@@ -37,7 +38,8 @@ from .blocks import BlockStore
 from .data import DataCache, VersionChanged
 from .dirs import DirCache, DirRecord, Listing
 from .flight import SingleFlight
-from .node import Node
+from .node import LOCAL_PREFIX, Node
+from .persist import SavedState
 from .readahead import ReadAhead
 
 if TYPE_CHECKING:
@@ -51,6 +53,8 @@ READDIR_PAGE = 512       # entries handed to the FUSE layer per readdir step
 # Attributes with local changes are not cached by the kernel: it asks us (no RPC).
 # (With a timeout, this kernel kept a directory's old mode after our setattr reply.)
 LOCAL_ATTR_TTL = 0.0
+READ_LISTING_ATTEMPTS = 10
+DIR_GENERATIONS = 100_000   # directories whose count of our changes we keep
 NOENT = Nfsstat3.NFS3ERR_NOENT
 
 
@@ -140,16 +144,49 @@ class Store:
         self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(cfg.attr_entries)
         self.name_max = client.info.name_max
         self.wb: WriteBack | None = None    # set when write-back is on
+        # Count of our own changes applied to each directory (see _read_listing).
+        self._dir_gen: LRUCache[bytes, int] = LRUCache(DIR_GENERATIONS)
 
     @classmethod
     async def open(cls, client: NfsClient, cfg: Config, nursery: trio.Nursery | None = None,
-                   blocks: BlockStore | None = None) -> Store:
+                   blocks: BlockStore | None = None, saved: SavedState | None = None) -> Store:
         """A store for the export `client` mounted; background work runs in `nursery`,
-        file data is cached in `blocks` (if given)."""
-        root_attrs = await client.getattr(client.root_fh, Cred.root())
+        file data is cached in `blocks` (if given), the metadata caches start from
+        `saved` (if given; then the server need not be reachable now)."""
+        try:
+            root_attrs = await client.getattr(client.root_fh, Cred.root())
+        except TransportError:
+            if saved is None or client.root_fh not in saved.attrs:
+                raise
+            root_attrs = saved.attrs[client.root_fh]
         store = cls(client, cfg, root_attrs, nursery, blocks)
-        await store._probe_name_max()
+        if saved is not None:
+            store.restore(saved)
+        with contextlib.suppress(TransportError):
+            await store._probe_name_max()
         return store
+
+    def restore(self, saved: SavedState) -> None:
+        """Start the metadata caches from a saved state (all of it expired)."""
+        for fh, attrs in saved.attrs.items():
+            self.attrs.load(fh, attrs)
+        for fh, (dir_version, records) in saved.listings.items():
+            if self.dirs.get(fh) is None:
+                self.dirs.put(fh, Listing.of(records, dir_version))
+
+    def saved_state(self) -> SavedState:
+        """The metadata caches, to be saved (nodes created here are left out)."""
+        attrs = {fh: a for fh, a in self.attrs.items() if not fh.startswith(LOCAL_PREFIX)}
+        listings = {fh: (listing.version, [r for r in listing.records
+                                           if r.fh is None or not r.fh.startswith(LOCAL_PREFIX)])
+                    for fh, listing in self.dirs.items()}
+        return SavedState(export=self.cfg.spec, info=self.info, attrs=attrs,
+                          listings=listings)
+
+    @property
+    def offline(self) -> bool:
+        """The server was reachable once and is not now: serve what we have."""
+        return not self.client.up and self.client.transport.connected_once
 
     async def _probe_name_max(self) -> None:
         """PATHCONF's name_max may promise more than the server's disk takes (ganesha
@@ -311,12 +348,26 @@ class Store:
         return await self._server_attrs(node, cred, fresh=fresh)
 
     async def _server_attrs(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
-        """The server's attributes of `node` (without local changes)."""
+        """The server's attributes of `node` (without local changes).  While the
+        server cannot be reached, expired ones are served as they are."""
         if self.caching and not fresh:
             entry = self.attrs.get(node.fh)
             if entry is not None:
                 return entry.attrs
-        return await self._on(node, cred, lambda fh: self.client.getattr(fh, cred))
+        return await self._revalidate(node, cred)
+
+    async def _revalidate(self, node: Node, cred: Cred) -> Fattr3:
+        """GETATTR, or the expired attributes if the server is unreachable."""
+        stale = self.attrs.peek(node.fh) if self.caching else None
+        if stale is not None and self.offline:
+            return stale.attrs
+        try:
+            return await self._on(node, cred, lambda fh: self.client.getattr(fh, cred))
+        except TransportError:
+            if stale is None:
+                raise
+            log.info("server unreachable: serving cached attributes of %r", node.path())
+            return stale.attrs
 
     async def lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Fattr3]:
         """The child `name` of `parent` (NfsError NOENT if there is none)."""
@@ -358,7 +409,7 @@ class Store:
             entry = self.attrs.peek(parent.fh)
             assert entry is not None
             if entry.fetched + self.cfg.neg_lease <= trio.current_time() and \
-                    listing.trusted_until <= trio.current_time():
+                    listing.trusted_until <= trio.current_time() and not self.offline:
                 # Trust a listing's silence only as long as a negative lookup.
                 await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
                 if await self._valid_names(parent, cred) is not listing:
@@ -369,6 +420,9 @@ class Store:
         entry = self.attrs.get(rec.fh)
         if entry is not None:
             return self.node_for(rec.fh, entry.attrs, parent, name), entry.attrs
+        stale = self.attrs.peek(rec.fh)
+        if stale is not None and self.offline:
+            return self.node_for(rec.fh, stale.attrs, parent, name), stale.attrs
         try:
             attrs = await self.client.getattr(rec.fh, cred)
         except NfsError as exc:
@@ -388,8 +442,8 @@ class Store:
             return listing
         attrs = self.attrs.valid(parent.fh)
         if attrs is None:
-            attrs = await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
-        if version(attrs) == listing.version:
+            attrs = await self._revalidate(parent, cred)
+        if version(attrs) == listing.version or self.offline:
             return listing
         self._listing_changed(parent, listing, None)
         return None
@@ -439,6 +493,7 @@ class Store:
         """We changed `parent`: patch its listing if the reply proves nobody else
         did in between, else drop it; forget `name` as missing."""
         self.dirs.forget_missing(parent.fh, name)
+        self._dir_gen[parent.fh] = self._dir_gen.get(parent.fh, 0) + 1
         listing = self.dirs.get(parent.fh)
         if listing is None:
             return
@@ -748,22 +803,34 @@ class Store:
         """The whole directory with every child's attributes within their lease:
         from the cache when it holds, else read again with READDIRPLUS."""
         listing = self.dirs.get(node.fh)
-        if listing is not None and self._fresh(node, listing):
+        if listing is not None and (self._fresh(node, listing) or self.offline):
             return listing
-        return await self._listings.run(node.fh, lambda: self._read_listing(node, cred))
+        try:
+            return await self._listings.run(node.fh, lambda: self._read_listing(node, cred))
+        except TransportError:
+            if listing is None:
+                raise
+            log.info("server unreachable: listing %r from the cache", node.path())
+            return listing
 
     def _fresh(self, node: Node, listing: Listing) -> bool:
+        if listing.trusted_until > trio.current_time():
+            return True   # ours: children's attributes are revalidated one by one
         attrs = self.attrs.valid(node.fh)
-        if listing.trusted_until <= trio.current_time() and \
-                (attrs is None or version(attrs) != listing.version):
+        if attrs is None or version(attrs) != listing.version:
             return False
         valid = self.attrs.valid
         return all(rec.fh is None or valid(rec.fh) is not None
                    for rec in listing.by_name.values())
 
     async def _read_listing(self, node: Node, cred: Cred, *, prefetch: bool = True) -> Listing:
-        """READDIRPLUS the whole directory (its attributes must not change meanwhile)."""
-        for _attempt in range(3):
+        """READDIRPLUS the whole directory.  Neither its attributes nor our own view of
+        it may change meanwhile (a change of ours applied while the listing was on
+        its way could be missing from it): otherwise read it again, and if it keeps
+        changing, answer from the last read without caching it."""
+        consistent = False
+        for _attempt in range(READ_LISTING_ATTEMPTS):
+            generation = self._dir_gen.get(node.fh, 0)
             records: list[DirRecord] = []
             cookie, verf = 0, bytes(8)
             first: tuple[int, int, int] | None = None
@@ -784,9 +851,12 @@ class Store:
             if last is None:
                 last = await self.client.getattr(node.fh, cred)
                 first = version(last)
-            if first == version(last):
+            if first == version(last) and self._dir_gen.get(node.fh, 0) == generation:
+                consistent = True
                 break
         listing = Listing.of(records, version(last))
+        if not consistent:
+            return listing
         old = self.dirs.get(node.fh)
         if old is not None:
             self._listing_changed(node, old, listing)

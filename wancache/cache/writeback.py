@@ -1131,10 +1131,19 @@ class WriteBack:
         for op in ops:
             if op.kind == "bind":
                 self._binds[int(op.node[1:])] = op.seq
+        unknown: set[bytes] = set()
         for fh in {bytes.fromhex(r[1:]) for op in ops
                    for r in (op.node, op.parent, op.parent2, op.target.decode(errors="replace"))
                    if r.startswith("f")} | set(bound.values()):
-            await self.store.ensure_node(fh)
+            try:
+                await self.store.ensure_node(fh)
+            except (TransportError, NfsError) as exc:
+                unknown.add(fh)
+                log.warning("cannot look up a file the journal refers to (%s)", exc)
+        if unknown:
+            raise OSError(errno.EHOSTUNREACH, "the journal refers to files whose attributes "
+                          "are not cached and the server cannot be reached: mount again "
+                          "when it can (the journal is kept)")
         queued = 0
         skipped: list[str] = []
         for op in ops:

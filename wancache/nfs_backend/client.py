@@ -416,5 +416,21 @@ async def open_client(nursery: trio.Nursery, host: str, export: bytes | str,
     return NfsClient(transport, info, stats)
 
 
+async def offline_client(nursery: trio.Nursery, host: str, info: ServerInfo,
+                         options: ClientOptions | None = None,
+                         stats: RpcStats | None = None) -> NfsClient:
+    """A client for a server that cannot be reached now, from what it told us before
+    (`info`); its transport keeps trying to connect in the background."""
+    options = options or ClientOptions()
+    stats = stats if stats is not None else RpcStats()
+    names = {p.value: p.name for p in Proc}
+    transport = RpcTransport(host, info.nfs_port, nfs3.PROGRAM, nfs3.VERSION,
+                             options=options.transport, stats=stats, proc_names=names,
+                             prefix="nfs3.")
+    await nursery.start(transport.run)
+    return NfsClient(transport, info, stats)
+
+
 __all__ = ["AttrSink", "ClientOptions", "Cred", "NfsClient", "NfsError", "ServerInfo",
-           "list_exports", "lookup_port", "mount_export", "open_client", "unmount_export"]
+           "list_exports", "lookup_port", "mount_export", "offline_client", "open_client",
+           "unmount_export"]
