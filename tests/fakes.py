@@ -12,6 +12,7 @@ import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import trio
 
@@ -54,8 +55,8 @@ class FakeNfs:
         self.stats = RpcStats()
         self.attr_sinks: list = []
         self.latency = latency
-        self.up = True
         self.down = False
+        self.transport = SimpleNamespace(connected_once=True, last_error=None)
         self._ids = itertools.count(100)
         self.nodes: dict[bytes, FakeNode] = {}
         self.root_fh = self._new(Ftype3.DIR, 0o755).fh
@@ -65,6 +66,9 @@ class FakeNfs:
         self.info = ServerInfo(self.root_fh, 2049, 20048, rsize, rsize, 65536, fsinfo,
                                pathconf)
         self.verf = b"verf0001"
+        self.fail: dict[str, Exception] = {}    # proc -> error its next call raises
+        self.created: list[bytes] = []          # names created, in order
+        self.on_write: list = []                # callbacks run after each WRITE
 
     # -- server side ---------------------------------------------------------------
 
@@ -100,6 +104,21 @@ class FakeNfs:
         self._touch(parent, size=len(parent.children))
         return node
 
+    def tree(self, path: str = "/") -> dict[str, bytes | dict]:
+        """The server's tree below `path`: {name: contents or {subtree}}."""
+        node = self.path(path)
+        out: dict[str, bytes | dict] = {}
+        for name, fh in sorted(node.children.items()):
+            child = self.nodes[fh]
+            key = name.decode()
+            if child.attrs.type is Ftype3.DIR:
+                out[key] = self.tree(f"{path.rstrip('/')}/{key}")
+            elif child.attrs.type is Ftype3.LNK:
+                out[key] = b"-> " + child.target
+            else:
+                out[key] = bytes(child.data)
+        return out
+
     def server_write(self, path: str, data: bytes) -> None:
         """Another client rewrites a file."""
         node = self.path(path)
@@ -118,6 +137,9 @@ class FakeNfs:
     async def _call(self, proc: str) -> float:
         if self.down:
             raise ServerUnreachableError("fake server is down")
+        failure = self.fail.pop(proc, None)
+        if failure is not None:
+            raise failure
         sent = trio.current_time()
         self.stats.started(f"nfs3.{proc}", 100)
         self.stats.finished(f"nfs3.{proc}", 0.0, 100, ok=True)
@@ -142,6 +164,10 @@ class FakeNfs:
     def _wcc(self, node: FakeNode) -> WccAttr:
         a = node.attrs
         return WccAttr(a.size, a.mtime, a.ctime)
+
+    @property
+    def up(self) -> bool:
+        return not self.down
 
     def calls(self) -> Counter[str]:
         return self.stats.calls()
@@ -194,6 +220,7 @@ class FakeNfs:
         else:
             node = self._new(ftype, attrs.mode if attrs.mode is not None else 0o644,
                              cred.uid, cred.gid)
+            self.created.append(name)
             d.children[name] = node.fh
             self._touch(d, size=len(d.children))
         self._sink(node.fh, node.attrs, None, sent)
@@ -211,14 +238,69 @@ class FakeNfs:
                     cred: Cred) -> nfs3.DirOpRes:
         return await self._dirop("MKDIR", dir_fh, name, Ftype3.DIR, attrs, cred)
 
-    async def remove(self, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.RemoveRes:
-        sent = await self._call("REMOVE")
-        d = self._node(dir_fh, "REMOVE")
+    async def symlink(self, dir_fh: bytes, name: bytes, target: bytes, attrs: Sattr3,
+                      cred: Cred) -> nfs3.DirOpRes:
+        res = await self._dirop("SYMLINK", dir_fh, name, Ftype3.LNK, attrs, cred)
+        assert res.object is not None
+        self.nodes[res.object].target = target
+        return res
+
+    async def readlink(self, fh: bytes, cred: Cred) -> bytes:
+        await self._call("READLINK")
+        return self._node(fh, "READLINK").target
+
+    async def rmdir(self, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.RmdirRes:
+        d = self._node(dir_fh, "RMDIR")
+        child = d.children.get(name)
+        if child is not None and self.nodes[child].children:
+            await self._call("RMDIR")
+            raise NfsError(S.NFS3ERR_NOTEMPTY, "RMDIR")
+        res = await self.remove(dir_fh, name, cred, proc="RMDIR")
+        return nfs3.RmdirRes(res.status, res.dir_wcc)
+
+    async def rename(self, from_dir: bytes, from_name: bytes, to_dir: bytes, to_name: bytes,
+                     cred: Cred) -> nfs3.RenameRes:
+        sent = await self._call("RENAME")
+        src, dst = self._node(from_dir, "RENAME"), self._node(to_dir, "RENAME")
+        sb, db = self._wcc(src), self._wcc(dst)
+        fh = src.children.pop(from_name, None)
+        if fh is None:
+            raise NfsError(S.NFS3ERR_NOENT, "RENAME")
+        old = dst.children.get(to_name)
+        if old is not None and old != fh:
+            del self.nodes[old]
+        dst.children[to_name] = fh
+        self._touch(src, size=len(src.children))
+        if dst is not src:
+            self._touch(dst, size=len(dst.children))
+        self._sink(from_dir, src.attrs, sb, sent)
+        self._sink(to_dir, dst.attrs, db, sent)
+        return nfs3.RenameRes(S.NFS3_OK, WccData(sb, src.attrs), WccData(db, dst.attrs))
+
+    async def link(self, fh: bytes, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.LinkRes:
+        sent = await self._call("LINK")
+        node, d = self._node(fh, "LINK"), self._node(dir_fh, "LINK")
+        if name in d.children:
+            raise NfsError(S.NFS3ERR_EXIST, "LINK")
+        before = self._wcc(d)
+        d.children[name] = fh
+        self._touch(d, size=len(d.children))
+        node.attrs = replace(node.attrs, nlink=node.attrs.nlink + 1)
+        self._sink(dir_fh, d.attrs, before, sent)
+        return nfs3.LinkRes(S.NFS3_OK, node.attrs, WccData(before, d.attrs))
+
+    async def remove(self, dir_fh: bytes, name: bytes, cred: Cred, *,
+                     proc: str = "REMOVE") -> nfs3.RemoveRes:
+        sent = await self._call(proc)
+        d = self._node(dir_fh, proc)
         before = self._wcc(d)
         fh = d.children.pop(name, None)
         if fh is None:
-            raise NfsError(S.NFS3ERR_NOENT, "REMOVE")
-        del self.nodes[fh]
+            raise NfsError(S.NFS3ERR_NOENT, proc)
+        node = self.nodes[fh]
+        node.attrs = replace(node.attrs, nlink=node.attrs.nlink - 1)
+        if node.attrs.nlink <= 0 or node.attrs.type is Ftype3.DIR:
+            del self.nodes[fh]
         self._touch(d, size=len(d.children))
         self._sink(dir_fh, d.attrs, before, sent)
         return nfs3.RemoveRes(S.NFS3_OK, WccData(before, d.attrs))
@@ -242,8 +324,10 @@ class FakeNfs:
         node.data[offset:end] = data
         self._touch(node, size=len(node.data))
         self._sink(fh, node.attrs, before, sent)
-        return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(data),
-                             StableHow.FILE_SYNC, self.verf)
+        verf = self.verf
+        for callback in self.on_write:
+            callback()
+        return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(data), stable, verf)
 
     async def commit(self, fh: bytes, cred: Cred, offset: int = 0,
                      count: int = 0) -> nfs3.CommitRes:

@@ -39,6 +39,7 @@ class SavedState:
     attrs: dict[bytes, Fattr3] = field(default_factory=dict)
     listings: dict[bytes, tuple[tuple[int, int, int], list[DirRecord]]] = field(
         default_factory=dict)
+    names: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)   # looked up
 
 
 def save_state(cache_dir: Path, state: SavedState) -> None:

@@ -173,6 +173,8 @@ class Store:
         for fh, (dir_version, records) in saved.listings.items():
             if self.dirs.get(fh) is None:
                 self.dirs.put(fh, Listing.of(records, dir_version))
+        for key, fh in saved.names.items():
+            self._names[key] = fh
 
     def saved_state(self) -> SavedState:
         """The metadata caches, to be saved (nodes created here are left out)."""
@@ -180,13 +182,17 @@ class Store:
         listings = {fh: (listing.version, [r for r in listing.records
                                            if r.fh is None or not r.fh.startswith(LOCAL_PREFIX)])
                     for fh, listing in self.dirs.items()}
+        names = {k: fh for k, fh in self._names.items() if not fh.startswith(LOCAL_PREFIX)}
         return SavedState(export=self.cfg.spec, info=self.info, attrs=attrs,
-                          listings=listings)
+                          listings=listings, names=names)
 
     @property
     def offline(self) -> bool:
-        """The server was reachable once and is not now: serve what we have."""
-        return not self.client.up and self.client.transport.connected_once
+        """No connection to the server, and the last attempts failed (or it was lost):
+        serve what we have instead of waiting for a timeout per request."""
+        transport = self.client.transport
+        return not self.client.up and (transport.connected_once or
+                                       transport.last_error is not None)
 
     async def _probe_name_max(self) -> None:
         """PATHCONF's name_max may promise more than the server's disk takes (ganesha
@@ -366,7 +372,7 @@ class Store:
         except TransportError:
             if stale is None:
                 raise
-            log.info("server unreachable: serving cached attributes of %r", node.path())
+            log.debug("server unreachable: serving cached attributes of %r", node.path())
             return stale.attrs
 
     async def lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Fattr3]:
@@ -385,6 +391,10 @@ class Store:
                 return found
             if self.dirs.missing_for(parent.fh, name):
                 raise NfsError(NOENT, "LOOKUP")
+            if self.offline:
+                found = self._remembered(parent, name)
+                if found is not None:
+                    return found
         sent = trio.current_time()
         try:
             res = await self._on(parent, cred,
@@ -393,10 +403,24 @@ class Store:
             if exc.status == NOENT:
                 self.dirs.remember_missing(parent.fh, name, sent)
             raise
+        except TransportError:
+            found = self._remembered(parent, name)
+            if found is None:
+                raise
+            return found
         attrs = res.obj_attributes or await self.client.getattr(res.object, cred)
         if name == b"..":
             return self.node_for(res.object, attrs), attrs
         return self.node_for(res.object, attrs, parent, name), attrs
+
+    def _remembered(self, parent: Node, name: bytes) -> tuple[Node, Fattr3] | None:
+        """While disconnected: what `name` was the last time we looked it up."""
+        fh = self._names.get((parent.fh, name))
+        entry = self.attrs.peek(fh) if fh is not None else None
+        if fh is None or entry is None:
+            return None
+        log.debug("server unreachable: %r as last seen", parent.path().rstrip(b"/") + b"/" + name)
+        return self.node_for(fh, entry.attrs, parent, name), entry.attrs
 
     async def _cached_lookup(self, parent: Node, name: bytes,
                              cred: Cred) -> tuple[Node, Fattr3] | None:
@@ -810,7 +834,7 @@ class Store:
         except TransportError:
             if listing is None:
                 raise
-            log.info("server unreachable: listing %r from the cache", node.path())
+            log.debug("server unreachable: listing %r from the cache", node.path())
             return listing
 
     def _fresh(self, node: Node, listing: Listing) -> bool:

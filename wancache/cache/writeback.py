@@ -194,7 +194,10 @@ class _ReadyQueue:
     def add(self, p: Pending) -> None:
         if p not in self._members:
             self._members.add(p)
-            heapq.heappush(self._later, (p.due, p.op.seq, p))
+            if p.urgent and not p.attempts:
+                heapq.heappush(self._due, (p.op.seq, p))
+            else:
+                heapq.heappush(self._later, (p.due, p.op.seq, p))
 
     def discard(self, p: Pending) -> None:
         self._members.discard(p)
@@ -210,6 +213,14 @@ class _ReadyQueue:
                 keep.append(item)
         heapq.heapify(keep)
         self._later = keep
+
+    def retry_now(self, now: float) -> None:
+        """Ops waiting out a retry's backoff may go at once."""
+        for item in self._later:
+            if item[2].attempts:
+                item[2].due = now
+        self._later = [(p.due, seq, p) for _, seq, p in self._later]
+        heapq.heapify(self._later)
 
     def head(self, now: float) -> tuple[Pending | None, float]:
         """The first due op (not removed from the queue), and when the next falls due."""
@@ -238,6 +249,19 @@ class WriteBackStats:
     server_down: bool = False
 
 
+def _others_may_change(node: Node) -> bool:
+    """Only files that existed before we created them here are checked for conflicts
+    (one created here could be changed by another client only after our CREATE
+    reached the server: a risk this mount takes)."""
+    return node.local_id is None
+
+
+def _local_ids(op: Op) -> list[int]:
+    """The local ids an op names (its 'l<id>' references)."""
+    refs = (op.node, op.parent, op.parent2, op.target.decode(errors="replace"))
+    return [int(r[1:]) for r in refs if r.startswith("l") and r[1:].isdigit()]
+
+
 def _ref(node: Node) -> str:
     if node.local_id is not None and node.is_local:
         return f"l{node.local_id}"
@@ -261,6 +285,7 @@ class WriteBack:
         self.dirty_bytes = 0
         self._locals: dict[int, Node] = {}
         self._binds: dict[int, int] = {}           # local id -> seq of its BIND record
+        self._lrefs: dict[int, int] = {}           # local id -> unfinished ops naming it
         self._pending: dict[int, Pending] = {}      # seq -> pending op
         self._by_node: dict[Node, list[Pending]] = {}
         self._writer: dict[Key, Pending] = {}
@@ -310,11 +335,36 @@ class WriteBack:
 
     # -- recording changes --------------------------------------------------------------
 
-    async def _record(self, op: Op) -> int:
-        """Append `op` durably; returns its seq."""
+    async def _record(self, op: Op, record: bytes | None = None) -> int:
+        """Append `op` durably; returns its seq.
+
+        The local ids it names stay referenced from before the append until the op
+        is finished, so their BIND records are kept for a replay meanwhile.
+        """
         op.time_ns = op.time_ns or time.time_ns()
         self.last_local_change = trio.current_time()
-        return await self.journal.append(encode_op(op))
+        ids = _local_ids(op)
+        for local_id in ids:
+            self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
+        try:
+            return await self.journal.append(record or encode_op(op))
+        except BaseException:
+            self._release_ids(ids)
+            raise
+
+    def _release_ids(self, ids: Iterable[int]) -> None:
+        """An op naming these local ids is finished: a BIND nobody needs is done."""
+        for local_id in ids:
+            left = self._lrefs.get(local_id, 1) - 1
+            if left > 0:
+                self._lrefs[local_id] = left
+                continue
+            self._lrefs.pop(local_id, None)
+            node = self._locals.get(local_id)
+            bind = self._binds.get(local_id)
+            if bind is not None and node is not None and not node.is_local:
+                del self._binds[local_id]
+                self._schedule_complete([bind])
 
     def _overlay_for(self, node: Node, attrs: Fattr3, *, local: bool = False) -> NodeOverlay:
         ov = self.overlays.get(node)
@@ -403,12 +453,11 @@ class WriteBack:
     async def write(self, node: Node, offset: int, data: bytes, cred: Cred) -> int:
         """Journal a write (waiting for room under max_dirty first)."""
         await self._wait_for_room(len(data))
-        base = "" if node.is_local else self._base_version(node)
+        base = self._base_version(node) if _others_may_change(node) else ""
         op = Op("write", cred.uid, cred.gid, cred.groups, node=_ref(node), offset=offset,
                 base=base, data=memoryview(data))
         record = encode_op(op)
-        self.last_local_change = trio.current_time()
-        op.seq = await self.journal.append(record)
+        op.seq = await self._record(op, record)
         op.data = memoryview(record)[len(record) - len(data):]
         self._apply(op, replaying=False)
         return len(data)
@@ -427,7 +476,8 @@ class WriteBack:
                 fields[name] = -1     # the server's time
         if "size" in fields:
             await self._wait_for_room(0)
-        base = "" if node.is_local or "size" not in fields else self._base_version(node)
+        base = self._base_version(node) if "size" in fields and _others_may_change(node) \
+            else ""
         op = Op("setattr", cred.uid, cred.gid, cred.groups, node=_ref(node), sattr=fields,
                 base=base)
         op.seq = await self._record(op)
@@ -496,6 +546,7 @@ class WriteBack:
         elif kind in ("remove", "rmdir"):
             node, parent = self._node(op.node), self._node(op.parent)
             if self._cancel_temporary(node, op):
+                self._release_ids(_local_ids(op))
                 self._schedule_complete([seq])
                 return
             self._dir_changed(parent, op.name, WHITEOUT, seq, now,
@@ -609,9 +660,9 @@ class WriteBack:
         create = ops[0]
         if any(k[0] == "n" for d in create.deps for k in d.writes):
             return False    # it replaced a name an earlier op still has to change
+        self.stats.cancelled += len(ops) + 1
         for p in list(ops):
             self._finish(p)
-        self.stats.cancelled += len(ops) + 1
         return True
 
     # -- finishing ops ---------------------------------------------------------------------
@@ -620,6 +671,7 @@ class WriteBack:
         """`p` reached the server (or never will): update the overlay, wake waiters."""
         p.failed = error
         seq = p.op.seq
+        self._release_ids(_local_ids(p.op))
         self._pending.pop(seq, None)
         self._ready.discard(p)
         if p.op.kind == "write":
@@ -654,9 +706,6 @@ class WriteBack:
         if node.is_local:
             return    # never made it to the server: keep the node's local view
         self.store.attrs.expire(node.fh)
-        bind = self._binds.pop(node.local_id, None) if node.local_id is not None else None
-        if bind is not None:
-            self._schedule_complete([bind])
 
     def _schedule_complete(self, seqs: list[int]) -> None:
         """Mark `seqs` done in the journal soon: one background task takes whatever
@@ -760,8 +809,19 @@ class WriteBack:
         busy = trio.current_time() - self.last_local_change < FOREGROUND_WINDOW
         return JOBS if not busy or any(p.urgent for p in batch) else FOREGROUND_JOBS
 
+    async def _watch_server(self) -> None:
+        """When the server comes back, retry what waits for it now, not after the
+        backoff."""
+        transport = self.client.transport
+        while hasattr(transport, "wait_changed"):
+            await transport.wait_changed()
+            if self.client.up:
+                self._ready.retry_now(trio.current_time())
+                self._wake()
+
     async def _flush_forever(self) -> None:
         async with trio.open_nursery() as jobs:
+            jobs.start_soon(self._watch_server)
             while True:
                 self._wakeup = trio.Event()
                 batch, next_due = self._next_batch()
@@ -851,7 +911,7 @@ class WriteBack:
             sattr = Sattr3(mode=a.get("mode"), uid=a.get("uid"), gid=a.get("gid"),
                            size=a.get("size"), **times)
             res = await client.setattr(self._fh(op.node), sattr, batch[-1].op.cred)
-            self._remember_version(node, res.obj_wcc.after)
+            await self._remember_version(node)
         elif kind in ("remove", "rmdir"):
             parent = self._node(op.parent)
             try:
@@ -963,20 +1023,29 @@ class WriteBack:
             self._binds[local_id] = await self._record(bind)
         except OSError as exc:
             log.warning("could not journal a new file's handle: %s", exc)
+            return
+        self._release_ids([local_id])      # (the BIND op itself named it)
 
     async def _conflicted(self, node: Node, base: str) -> bool:
         """Did someone else change `node` since our changes' base version?"""
-        if node.is_local:
+        if not _others_may_change(node):
             return False
         ov = self.overlays.get(node)
         expected = ov.base_version if ov is not None and ov.base_version else base
         current = await self.client.getattr(node.fh, Cred.root())
+        log.debug("conflict check of %r: expected %s, server %s (op base %s)", node.path(),
+                  expected, content_version(current), base)
         return content_version(current) != expected
 
-    def _remember_version(self, node: Node, after: Fattr3 | None) -> None:
+    async def _remember_version(self, node: Node) -> None:
+        """After our own change to a file others may change too: its contents' version
+        now, the base of the next conflict check.  Asked for with a GETATTR: post-op
+        attributes of WRITE and COMMIT replies may lag behind (ganesha's do)."""
         ov = self.overlays.get(node)
-        if ov is not None and after is not None and not node.is_local:
-            ov.base_version = content_version(after)
+        if ov is None or not _others_may_change(node):
+            return
+        after = await self.client.getattr(node.fh, Cred.root())
+        ov.base_version = content_version(after)
 
     async def _flush_data(self, batch: list[Pending]) -> None:
         """Coalesce a run of WRITEs of one file into wsize UNSTABLE WRITEs + COMMIT."""
@@ -997,7 +1066,7 @@ class WriteBack:
                                           stable=StableHow.FILE_SYNC)
             if res.count != len(data):
                 raise OSError(errno.EIO, f"short WRITE ({res.count} of {len(data)})")
-            self._remember_version(node, res.file_wcc.after)
+            await self._remember_version(node)
             self.stats.bytes_flushed += len(data)
             return
         for _round in range(3):
@@ -1017,7 +1086,7 @@ class WriteBack:
                     nursery.start_soon(send, offset, data)
             commit = await self.client.commit(fh, cred)
             if all(v == commit.verf for v in verfs):
-                self._remember_version(node, commit.file_wcc.after)
+                await self._remember_version(node)
                 self.stats.bytes_flushed += sum(len(d) for _, d in pieces)
                 return
             self.stats.resent_after_reboot += 1
@@ -1065,9 +1134,16 @@ class WriteBack:
         if parent is None or parent.is_local:
             await self._save_lost(node, content, "its directory is gone")
         else:
-            res = await self.client.create(parent.fh, name, cred,
-                                           attrs=Sattr3(mode=self.attrs_of(node).mode),
-                                           mode=nfs3.CreateMode.GUARDED)
+            for n in range(1, 100):
+                try:
+                    res = await self.client.create(
+                        parent.fh, name if n == 1 else name + f"-{n}".encode(), cred,
+                        attrs=Sattr3(mode=self.attrs_of(node).mode),
+                        mode=nfs3.CreateMode.GUARDED)
+                    break
+                except NfsError as exc:
+                    if exc.status != Nfsstat3.NFS3ERR_EXIST or n == 99:
+                        raise
             fh = res.object
             assert fh is not None
             for off in range(0, len(content), self.client.info.wsize):
@@ -1144,6 +1220,10 @@ class WriteBack:
             raise OSError(errno.EHOSTUNREACH, "the journal refers to files whose attributes "
                           "are not cached and the server cannot be reached: mount again "
                           "when it can (the journal is kept)")
+        for local_id, fh in bound.items():     # created before the crash: known now
+            node = self.store.node_by_fh(fh)
+            node.local_id = local_id
+            self._locals[local_id] = node
         queued = 0
         skipped: list[str] = []
         for op in ops:
@@ -1153,6 +1233,8 @@ class WriteBack:
                 if op.kind in CREATES and int(op.node[1:]) in bound:
                     self._replay_bound_create(op, bound[int(op.node[1:])])
                     continue
+                for local_id in _local_ids(op):
+                    self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
                 self._apply(op, replaying=True)
                 queued += 1
             except Unresolvable as exc:
@@ -1161,22 +1243,15 @@ class WriteBack:
             log.error("write-back records referring to unknown files skipped: %s",
                       ", ".join(skipped))
         self._replayed_up_to = max((op.seq for op in ops), default=0)
-        idle = [seq for local_id, seq in self._binds.items()
-                if self._locals.get(local_id) not in self._by_node]
-        for local_id in [i for i, seq in self._binds.items() if seq in idle]:
-            del self._binds[local_id]
+        idle = [i for i in self._binds if not self._lrefs.get(i)]
         if idle:
-            self._schedule_complete(idle)
+            self._schedule_complete([self._binds.pop(i) for i in idle])
         if queued:
             log.info("replaying %d changes from the journal", queued)
         return queued
 
     def _replay_bound_create(self, op: Op, fh: bytes) -> None:
-        """A create that reached the server before the crash: just know its handle."""
-        local_id = int(op.node[1:])
-        node = self.store.node_by_fh(fh)
-        node.local_id = local_id
-        self._locals[local_id] = node
+        """A create that reached the server before the crash (its BIND says so)."""
         self._schedule_complete([op.seq])
 
     def pending_nodes(self) -> Iterable[Node]:

@@ -76,12 +76,18 @@ async def _transient(host: str, port: int, program: int, version: int, prefix: s
     """A transport that lives only for a few calls (portmapper, MOUNT)."""
     transport = RpcTransport(host, port, program, version, options=options, stats=stats,
                              proc_names=names, prefix=prefix)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(transport.run)
-        try:
-            yield transport
-        finally:
-            transport.close()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(transport.run)
+            try:
+                yield transport
+            finally:
+                transport.close()
+    except BaseExceptionGroup as group:
+        # One error from the caller's block: let it through as itself.
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], trio.Cancelled):
+            raise group.exceptions[0] from None
+        raise
 
 
 async def lookup_port(host: str, program: int, version: int, *,
