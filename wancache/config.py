@@ -102,6 +102,9 @@ IGNORED_OPTIONS = frozenset({
     "group", "comment", "loud", "silent", "nolock", "lock", "tcp", "vers", "nfsvers",
     "proto", "noacl", "nocto", "fg", "bg", "intr", "nointr", "lazytime", "nolazytime",
     "iversion", "noiversion", "mand", "nomand",
+    # SELinux labels, symlink policy, helper selection: set by mount(8) or fstab
+    "context", "fscontext", "defcontext", "rootcontext", "nosymfollow", "symfollow",
+    "helper",
 })
 IGNORED_PREFIXES = ("x-", "comment=", "x-systemd.", "x-gvfs")
 
@@ -143,6 +146,7 @@ class Config:
     block_size: int = 1 << 20
     readahead: int = 32 << 20
     small_file: int = 256 << 10
+    dir_readahead: int = 8 << 20
     # writing
     writeback: bool = True
     writeback_delay: float = 1.0
@@ -215,6 +219,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("block_size", "block_size", parse_size, "block cache block size"),
     Option("readahead", "readahead", parse_size, "largest read-ahead window per open file"),
     Option("small_file", "small_file", parse_size, "files up to this size are fetched whole"),
+    Option("dir_readahead", "dir_readahead", parse_size,
+           "reading a small file cold also fetches its small neighbours, up to this much "
+           "per directory (0 = off)"),
     Option("writeback", "writeback", parse_bool,
            "on: journal writes locally, flush in the background; off: write-through"),
     Option("writeback_delay", "writeback_delay", parse_duration,

@@ -151,6 +151,20 @@ class DataCache:
             self.stats.cache_bytes += hi - lo
         return data[lo:hi]
 
+    def is_cached(self, node: Node, attrs: Fattr3) -> bool:
+        """True if every block of `node` (as of `attrs`) is held here."""
+        version = data_version(attrs)
+        blocks = range((attrs.size + self.block_size - 1) // self.block_size)
+        return all((node.key, version, i) in self._recent or (
+            self.blocks is not None and self.blocks.contains(node.key, version, i))
+            for i in blocks)
+
+    def prefetch(self, node: Node, attrs: Fattr3, cred: Cred) -> None:
+        """Fetch all of `node` in the background (a file we expect to be read)."""
+        version = data_version(attrs)
+        for idx in range((attrs.size + self.block_size - 1) // self.block_size):
+            self._start_ahead(node, version, idx, cred, attrs.size)
+
     def _start_ahead(self, node: Node, version: str, idx: int, cred: Cred,
                      file_size: int) -> None:
         key = (node.key, version, idx)

@@ -143,6 +143,7 @@ class Store:
         # name's attributes (its other hard links' link count) without a listing.
         self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(cfg.attr_entries)
         self.name_max = client.info.name_max
+        self._siblings_read: LRUCache[bytes, float] = LRUCache(DIR_GENERATIONS)
         self.wb: WriteBack | None = None    # set when write-back is on
         # Count of our own changes applied to each directory (see _read_listing).
         self._dir_gen: LRUCache[bytes, int] = LRUCache(DIR_GENERATIONS)
@@ -395,6 +396,7 @@ class Store:
                 found = self._remembered(parent, name)
                 if found is not None:
                     return found
+            self._list_ahead(parent, cred)
         sent = trio.current_time()
         try:
             res = await self._on(parent, cred,
@@ -889,6 +891,16 @@ class Store:
             self._prefetch_children(node, listing, self.cfg.prefetch_depth, cred)
         return listing
 
+    def _list_ahead(self, parent: Node, cred: Cred) -> None:
+        """A lookup in a directory we have no listing of: read the listing in the
+        background, so the lookups of its neighbours (git status, a build's stat
+        storm) are answered from it instead of one LOOKUP each."""
+        if self._nursery is None or self.cfg.prefetch_depth <= 0 or \
+                self.dirs.get(parent.fh) is not None or self._listings.busy(parent.fh) or \
+                parent.is_local:
+            return
+        self._nursery.start_soon(self._prefetch, parent, 1, cred)
+
     def _prefetch_children(self, node: Node, listing: Listing, depth: int,
                            cred: Cred) -> None:
         """List subdirectories ahead of a tree walk, in the background."""
@@ -960,11 +972,36 @@ class Store:
         if self.data is not None and not direct:
             for _attempt in range(3):
                 attrs = await self._server_attrs(node, cred)
+                if offset == 0 and node.parent is not None and \
+                        not self.data.is_cached(node, attrs):
+                    self._read_siblings_ahead(node.parent, cred)
                 try:
                     return await self.data.read(node, attrs, offset, size, cred, ra)
                 except VersionChanged:
                     log.debug("%r changed on the server while reading; again", node.path())
         return await self._read_through(node, offset, size, cred)
+
+    def _read_siblings_ahead(self, parent: Node, cred: Cred) -> None:
+        """A small file read cold: its small neighbours are likely next (sources of
+        a build, a project's files): fetch them too, up to `dir_readahead` bytes,
+        once per directory lease."""
+        budget = self.cfg.dir_readahead
+        assert self.data is not None
+        listing = self.dirs.get(parent.fh)
+        now = trio.current_time()
+        if budget <= 0 or listing is None or self._siblings_read.get(parent.fh, 0) > now:
+            return
+        self._siblings_read[parent.fh] = now + self.cfg.lease_bounds(True)[0]
+        for rec in listing.by_name.values():
+            if rec.ftype is not Ftype3.REG or rec.fh is None:
+                continue
+            entry = self.attrs.peek(rec.fh)
+            if entry is None or entry.attrs.size > self.cfg.small_file or \
+                    entry.attrs.size > budget:
+                continue
+            budget -= entry.attrs.size
+            child = self.node_for(rec.fh, entry.attrs, parent, rec.name)
+            self.data.prefetch(child, entry.attrs, cred)
 
     async def _read_through(self, node: Node, offset: int, size: int, cred: Cred) -> bytes:
         """Read straight from the server, rsize at a time, all in flight."""
