@@ -566,8 +566,65 @@ class Compile(Workload):
                 "root": str(ctx.root / "proj"), "sizes": asdict(sizes), "seed": SEED}))
 
 
+class SeqWrite(Workload):
+    """Write one large file in 1 MiB chunks: until the writer is done (close), and
+    until all of it is on the server."""
+
+    name = "seq-write"
+
+    def title(self, sizes: Sizes) -> str:
+        return f"seq write {sizes.seq_mib} MiB"
+
+    def steps(self, sizes: Sizes) -> list[Step]:
+        size = sizes.seq_mib * MIB
+        return [
+            Step(self.name, "returns", "writer done", "B/s", size, (Need(),), libnfs=True),
+            Step(self.name, "on-server", "all on server", "B/s", size, (Need(2, up=size),),
+                 Target(">=85% of link rate", "link", 0.85), libnfs=True),
+        ]
+
+    def generate(self, root: Path, scratch: Path, sizes: Sizes, libnfs: bool) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        src = scratch / f"write-{sizes.seq_mib}.bin"
+        if not src.exists():
+            src.write_bytes(random_bytes(SEED + 7, sizes.seq_mib * MIB))
+
+    def _complete(self, path: Path, size: int) -> Callable[[], bool]:
+        def check() -> bool:
+            # The size alone could be reached early (WRITEs arrive out of order and
+            # leave holes): every byte is there once the file has no holes left.
+            try:
+                st = path.stat()
+            except OSError:
+                return False
+            return st.st_size == size and st.st_blocks * 512 >= size
+        return check
+
+    def run(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
+        if "returns" not in want:
+            return
+        size = sizes.seq_mib * MIB
+        ctx.measure(self.step(sizes, "returns"), Op("copy", {
+            "src": str(ctx.scratch / f"write-{sizes.seq_mib}.bin"),
+            "dst": str(ctx.root / "out.bin"), "chunk": MIB}))
+        if "on-server" in want:
+            ctx.wait_until(self.step(sizes, "on-server"),
+                           self._complete(ctx.server_dir / "out.bin", size))
+
+    def run_libnfs(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
+        if "returns" not in want:
+            return
+        src = ctx.scratch / f"write-{sizes.seq_mib}.bin"
+        ctx.measure(self.step(sizes, "returns"),
+                    Op("nfs-cp", {"pairs": [[str(src), ctx.url("out.bin")]]}))
+        if "on-server" in want:
+            ctx.wait_until(self.step(sizes, "on-server"),
+                           self._complete(ctx.server_dir / "out.bin", sizes.seq_mib * MIB))
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    SeqRead(), RandomRead(), Listing(), FindStat(), Untar(), GitStatus(), Compile())}
+    SeqRead(), SeqWrite(), RandomRead(), Listing(), FindStat(), Untar(), GitStatus(),
+    Compile())}
 QUICK_WORKLOADS = ("seq-read", "ls", "untar")
 
 
@@ -656,8 +713,23 @@ def op_nfs_cp(args: dict[str, Any], deadline: float) -> int:
     return len(args["pairs"])
 
 
+def op_copy(args: dict[str, Any], deadline: float) -> int:
+    """Copy a local file into the mount in `chunk`-byte writes; bytes written."""
+    done = 0
+    with open(args["src"], "rb") as src, open(args["dst"], "wb", buffering=0) as dst:
+        while True:
+            if time.monotonic() > deadline:
+                raise Deadline(done)
+            chunk = src.read(args["chunk"])
+            if not chunk:
+                return done
+            dst.write(chunk)
+            done += len(chunk)
+
+
 CHILD_OPS: dict[str, Callable[[dict[str, Any], float], int]] = {
-    "read": op_read, "pread": op_pread, "compile": op_compile, "nfs-cp": op_nfs_cp}
+    "read": op_read, "pread": op_pread, "compile": op_compile, "nfs-cp": op_nfs_cp,
+    "copy": op_copy}
 
 
 def run_child_op(spec: dict[str, Any]) -> dict[str, Any]:

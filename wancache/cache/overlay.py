@@ -106,21 +106,21 @@ class FileOverlay:
         end = min(offset + length, self.size, self.base_limit)
         return offset, max(offset, end)
 
-    def ranges(self, max_len: int) -> list[tuple[int, memoryview]]:
-        """The dirty extents, merged where adjacent and split at `max_len` bytes."""
-        out: list[tuple[int, bytearray]] = []
+    def ranges(self, max_len: int) -> list[tuple[int, bytes]]:
+        """The dirty extents, merged where adjacent, in pieces of at most `max_len`
+        bytes (each piece one copy of the data)."""
+        runs: list[tuple[int, list[memoryview], int]] = []
         for e in self.extents:
-            if out and out[-1][0] + len(out[-1][1]) == e.start and \
-                    len(out[-1][1]) + len(e.data) <= max_len:
-                out[-1][1].extend(e.data)
-            else:
-                out.append((e.start, bytearray(e.data)))
-        pieces = []
-        for start, data in out:
-            view = memoryview(data)
-            for i in range(0, len(view), max_len):
-                pieces.append((start + i, view[i:i + max_len]))
-        return pieces
+            for i in range(0, len(e.data), max_len):
+                part = e.data[i:i + max_len]
+                start = e.start + i
+                if runs and runs[-1][0] + runs[-1][2] == start and \
+                        runs[-1][2] + len(part) <= max_len:
+                    runs[-1][1].append(part)
+                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + len(part))
+                else:
+                    runs.append((start, [part], len(part)))
+        return [(start, b"".join(parts)) for start, parts, _ in runs]
 
 
 @dataclass

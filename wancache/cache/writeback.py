@@ -79,6 +79,7 @@ FOREGROUND_WINDOW = 0.25    # seconds after a local change that count as busy
 WRITES_PER_FILE = 16        # WRITEs in flight for one file
 SMALL_WRITE = 64 << 10      # a flush of one WRITE up to this size is FILE_SYNC
 COMPLETE_EVERY = 0.2        # seconds between journal writes marking ops done
+EAGER_BYTES = 1 << 20       # a file with this much dirty data is not a temp file: no delay
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 TRANSIENT = {Nfsstat3.NFS3ERR_JUKEBOX, Nfsstat3.NFS3ERR_SERVERFAULT, Nfsstat3.NFS3ERR_IO}
 CREATES = ("create", "mkdir", "symlink", "mknod")
@@ -588,6 +589,8 @@ class WriteBack:
             ov.seqs.add(seq)
             self.dirty_bytes += len(op.data)
             self._queue(op, (node,), reads=(), writes=(("o", node),))
+            if ov.file.dirty_bytes > EAGER_BYTES and not replaying:
+                self._hurry(self._by_node.get(node, []))
         elif kind == "setattr":
             node = self._node(op.node)
             ov = self._overlay_for(node, self.attrs_of(node))
@@ -739,11 +742,8 @@ class WriteBack:
 
     # -- sync points -----------------------------------------------------------------------
 
-    async def sync(self, node: Node | None = None) -> None:
-        """Wait until `node`'s changes (all changes: None) and what they depend on are
-        on the server.  OSError(EIO) if some could not be written (see lost+found)."""
-        targets = list(self._by_node.get(node, [])) if node is not None \
-            else list(self._pending.values())
+    def _hurry(self, targets: Iterable[Pending]) -> None:
+        """Let these ops (and what they wait for) skip writeback_delay."""
         stack = list(targets)
         while stack:
             p = stack.pop()
@@ -752,6 +752,13 @@ class WriteBack:
                 stack.extend(p.deps)
         self._urgent = True
         self._wake()
+
+    async def sync(self, node: Node | None = None) -> None:
+        """Wait until `node`'s changes (all changes: None) and what they depend on are
+        on the server.  OSError(EIO) if some could not be written (see lost+found)."""
+        targets = list(self._by_node.get(node, [])) if node is not None \
+            else list(self._pending.values())
+        self._hurry(targets)
         for p in targets:
             await p.done.wait()
         failed = [p for p in targets if p.failed]
@@ -1062,7 +1069,7 @@ class WriteBack:
         pieces = merged.ranges(self.client.info.wsize)
         if len(pieces) == 1 and len(pieces[0][1]) <= SMALL_WRITE:
             offset, data = pieces[0]     # one small WRITE: stable at once, no COMMIT
-            res = await self.client.write(fh, offset, bytes(data), cred,
+            res = await self.client.write(fh, offset, data, cred,
                                           stable=StableHow.FILE_SYNC)
             if res.count != len(data):
                 raise OSError(errno.EIO, f"short WRITE ({res.count} of {len(data)})")
@@ -1073,10 +1080,10 @@ class WriteBack:
             verfs: list[bytes] = []
             slots = trio.Semaphore(WRITES_PER_FILE)
 
-            async def send(offset: int, data: memoryview, slots: trio.Semaphore = slots,
+            async def send(offset: int, data: bytes, slots: trio.Semaphore = slots,
                            verfs: list[bytes] = verfs) -> None:
                 async with slots:
-                    res = await self.client.write(fh, offset, bytes(data), cred)
+                    res = await self.client.write(fh, offset, data, cred)
                     if res.count != len(data):
                         raise OSError(errno.EIO, f"short WRITE ({res.count} of {len(data)})")
                     verfs.append(res.verf)
