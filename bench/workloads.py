@@ -371,7 +371,9 @@ class FindStat(Workload):
         # The top directory, then all subdirectories at once.
         need = Need(2, down=_dirent_bytes(names))
         return [Step(self.name, "cold", "cold", "files/s", sizes.tree_files, (need,),
-                     libnfs=True)]
+                     libnfs=True),
+                Step(self.name, "warm", "warm (within lease)", "files/s", sizes.tree_files,
+                     (Need(),), Target("0 RPCs", "rpcs", 0))]
 
     def generate(self, root: Path, scratch: Path, sizes: Sizes, libnfs: bool) -> None:
         rng = random.Random(SEED + 3)
@@ -379,10 +381,11 @@ class FindStat(Workload):
             _write(root / "tree" / rel, _text(rng, rng.randrange(0, 4096)))
 
     def run(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
-        if "cold" in want:
-            ctx.measure(self.step(sizes, "cold"), cmd(
-                "find", ctx.root / "tree", "-type", "f", "-exec",
-                "stat", "--format=%n %s %Y", "{}", "+"))
+        find = cmd("find", ctx.root / "tree", "-type", "f", "-exec",
+                   "stat", "--format=%n %s %Y", "{}", "+")
+        for name in ("cold", "warm"):
+            if name in want:
+                ctx.measure(self.step(sizes, name), find)
 
     def run_libnfs(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
         if "cold" in want:

@@ -145,6 +145,7 @@ class Store:
         self.name_max = client.info.name_max
         self._siblings_read: LRUCache[bytes, float] = LRUCache(DIR_GENERATIONS)
         self.wb: WriteBack | None = None    # set when write-back is on
+        self._fsstat: tuple[float, nfs3.FsstatRes] | None = None
         # Count of our own changes applied to each directory (see _read_listing).
         self._dir_gen: LRUCache[bytes, int] = LRUCache(DIR_GENERATIONS)
 
@@ -509,7 +510,21 @@ class Store:
         return await self._on(node, cred, lambda fh: self.client.readlink(fh, cred))
 
     async def statfs(self, cred: Cred) -> nfs3.FsstatRes:
-        return await self.client.fsstat(cred)
+        """FSSTAT, kept for the shortest file lease (df, find and build tools ask
+        often); the last answer while the server cannot be reached."""
+        cached = self._fsstat
+        now = trio.current_time()
+        if cached is not None and self.caching and \
+                (cached[0] + self.cfg.lease_bounds(False)[0] > now or self.offline):
+            return cached[1]
+        try:
+            res = await self.client.fsstat(cred)
+        except TransportError:
+            if cached is None:
+                raise
+            return cached[1]
+        self._fsstat = (now, res)
+        return res
 
     # -- namespace -----------------------------------------------------------------
 
