@@ -650,14 +650,7 @@ class Store:
             if found[1].type is Ftype3.DIR:
                 raise StoreError(errno.EISDIR, "is a directory")
             return await self.wb.remove(parent, name, found[0], cred, is_dir=False)
-        try:
-            res = await self._on(parent, cred, lambda fh: self.client.remove(fh, name, cred))
-        except NfsError as exc:
-            if exc.status == NOENT:
-                self.dirs.drop(parent.fh)
-            raise
-        self._forget_child(parent, name)
-        self._changed_dir(parent, res.dir_wcc, name, removed=True)
+        await self._remove_through(parent, name, cred, self.client.remove)
 
     async def rmdir(self, parent: Node, name: bytes, cred: Cred) -> None:
         if self.wb is not None:
@@ -670,8 +663,14 @@ class Store:
             if await self._has_entries(node, cred):
                 raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RMDIR")
             return await self.wb.remove(parent, name, node, cred, is_dir=True)
+        await self._remove_through(parent, name, cred, self.client.rmdir)
+
+    async def _remove_through(self, parent: Node, name: bytes, cred: Cred,
+                              rpc: Callable[[bytes, bytes, Cred],
+                                            Awaitable[nfs3.DirWccRes]]) -> None:
+        """REMOVE or RMDIR on the server, then mend the caches."""
         try:
-            res = await self._on(parent, cred, lambda fh: self.client.rmdir(fh, name, cred))
+            res = await self._on(parent, cred, lambda fh: rpc(fh, name, cred))
         except NfsError as exc:
             if exc.status == NOENT:
                 self.dirs.drop(parent.fh)

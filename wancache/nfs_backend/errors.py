@@ -8,77 +8,79 @@ every other module can import it without cycles.
 from __future__ import annotations
 
 import errno as _errno
+from enum import IntEnum
 
 # --- nfsstat3 (RFC 1813 §2.6) -------------------------------------------------
 
-NFS3_OK = 0
-NFS3ERR_PERM = 1
-NFS3ERR_NOENT = 2
-NFS3ERR_IO = 5
-NFS3ERR_NXIO = 6
-NFS3ERR_ACCES = 13
-NFS3ERR_EXIST = 17
-NFS3ERR_XDEV = 18
-NFS3ERR_NODEV = 19
-NFS3ERR_NOTDIR = 20
-NFS3ERR_ISDIR = 21
-NFS3ERR_INVAL = 22
-NFS3ERR_FBIG = 27
-NFS3ERR_NOSPC = 28
-NFS3ERR_ROFS = 30
-NFS3ERR_MLINK = 31
-NFS3ERR_NAMETOOLONG = 63
-NFS3ERR_NOTEMPTY = 66
-NFS3ERR_DQUOT = 69
-NFS3ERR_STALE = 70
-NFS3ERR_REMOTE = 71
-NFS3ERR_BADHANDLE = 10001
-NFS3ERR_NOT_SYNC = 10002
-NFS3ERR_BAD_COOKIE = 10003
-NFS3ERR_NOTSUPP = 10004
-NFS3ERR_TOOSMALL = 10005
-NFS3ERR_SERVERFAULT = 10006
-NFS3ERR_BADTYPE = 10007
-NFS3ERR_JUKEBOX = 10008
 
-NFS3ERR_NAMES: dict[int, str] = {
-    value: name
-    for name, value in globals().items()
-    if name.startswith(("NFS3ERR_", "NFS3_OK")) and isinstance(value, int)
-}
+class Nfsstat3(IntEnum):
+    """nfsstat3 (RFC 1813 §2.6).  Decoders keep unknown values as plain ints."""
+
+    NFS3_OK = 0
+    NFS3ERR_PERM = 1
+    NFS3ERR_NOENT = 2
+    NFS3ERR_IO = 5
+    NFS3ERR_NXIO = 6
+    NFS3ERR_ACCES = 13
+    NFS3ERR_EXIST = 17
+    NFS3ERR_XDEV = 18
+    NFS3ERR_NODEV = 19
+    NFS3ERR_NOTDIR = 20
+    NFS3ERR_ISDIR = 21
+    NFS3ERR_INVAL = 22
+    NFS3ERR_FBIG = 27
+    NFS3ERR_NOSPC = 28
+    NFS3ERR_ROFS = 30
+    NFS3ERR_MLINK = 31
+    NFS3ERR_NAMETOOLONG = 63
+    NFS3ERR_NOTEMPTY = 66
+    NFS3ERR_DQUOT = 69
+    NFS3ERR_STALE = 70
+    NFS3ERR_REMOTE = 71
+    NFS3ERR_BADHANDLE = 10001
+    NFS3ERR_NOT_SYNC = 10002
+    NFS3ERR_BAD_COOKIE = 10003
+    NFS3ERR_NOTSUPP = 10004
+    NFS3ERR_TOOSMALL = 10005
+    NFS3ERR_SERVERFAULT = 10006
+    NFS3ERR_BADTYPE = 10007
+    NFS3ERR_JUKEBOX = 10008
+
+
+NFS3ERR_NAMES: dict[int, str] = {int(s): s.name for s in Nfsstat3}
 """Status number -> RFC name (includes 0 -> "NFS3_OK")."""
 
 NFS3ERR_ERRNO: dict[int, int] = {
-    NFS3ERR_PERM: _errno.EPERM,
-    NFS3ERR_NOENT: _errno.ENOENT,
-    NFS3ERR_IO: _errno.EIO,
-    NFS3ERR_NXIO: _errno.ENXIO,
-    NFS3ERR_ACCES: _errno.EACCES,
-    NFS3ERR_EXIST: _errno.EEXIST,
-    NFS3ERR_XDEV: _errno.EXDEV,
-    NFS3ERR_NODEV: _errno.ENODEV,
-    NFS3ERR_NOTDIR: _errno.ENOTDIR,
-    NFS3ERR_ISDIR: _errno.EISDIR,
-    NFS3ERR_INVAL: _errno.EINVAL,
-    NFS3ERR_FBIG: _errno.EFBIG,
-    NFS3ERR_NOSPC: _errno.ENOSPC,
-    NFS3ERR_ROFS: _errno.EROFS,
-    NFS3ERR_MLINK: _errno.EMLINK,
-    NFS3ERR_NAMETOOLONG: _errno.ENAMETOOLONG,
-    NFS3ERR_NOTEMPTY: _errno.ENOTEMPTY,
-    NFS3ERR_DQUOT: _errno.EDQUOT,
-    NFS3ERR_STALE: _errno.ESTALE,
-    NFS3ERR_REMOTE: _errno.EREMOTE,
-    NFS3ERR_BADHANDLE: _errno.ESTALE,
-    NFS3ERR_NOT_SYNC: _errno.EIO,
+    Nfsstat3.NFS3ERR_PERM: _errno.EPERM,
+    Nfsstat3.NFS3ERR_NOENT: _errno.ENOENT,
+    Nfsstat3.NFS3ERR_IO: _errno.EIO,
+    Nfsstat3.NFS3ERR_NXIO: _errno.ENXIO,
+    Nfsstat3.NFS3ERR_ACCES: _errno.EACCES,
+    Nfsstat3.NFS3ERR_EXIST: _errno.EEXIST,
+    Nfsstat3.NFS3ERR_XDEV: _errno.EXDEV,
+    Nfsstat3.NFS3ERR_NODEV: _errno.ENODEV,
+    Nfsstat3.NFS3ERR_NOTDIR: _errno.ENOTDIR,
+    Nfsstat3.NFS3ERR_ISDIR: _errno.EISDIR,
+    Nfsstat3.NFS3ERR_INVAL: _errno.EINVAL,
+    Nfsstat3.NFS3ERR_FBIG: _errno.EFBIG,
+    Nfsstat3.NFS3ERR_NOSPC: _errno.ENOSPC,
+    Nfsstat3.NFS3ERR_ROFS: _errno.EROFS,
+    Nfsstat3.NFS3ERR_MLINK: _errno.EMLINK,
+    Nfsstat3.NFS3ERR_NAMETOOLONG: _errno.ENAMETOOLONG,
+    Nfsstat3.NFS3ERR_NOTEMPTY: _errno.ENOTEMPTY,
+    Nfsstat3.NFS3ERR_DQUOT: _errno.EDQUOT,
+    Nfsstat3.NFS3ERR_STALE: _errno.ESTALE,
+    Nfsstat3.NFS3ERR_REMOTE: _errno.EREMOTE,
+    Nfsstat3.NFS3ERR_BADHANDLE: _errno.ESTALE,
+    Nfsstat3.NFS3ERR_NOT_SYNC: _errno.EIO,
     # Linux maps BAD_COOKIE to its kernel-internal EBADCOOKIE (512), which user
     # space never sees; EINVAL is the closest public errno.
-    NFS3ERR_BAD_COOKIE: _errno.EINVAL,
-    NFS3ERR_NOTSUPP: _errno.EOPNOTSUPP,
-    NFS3ERR_TOOSMALL: _errno.EINVAL,
-    NFS3ERR_SERVERFAULT: _errno.EIO,
-    NFS3ERR_BADTYPE: _errno.EINVAL,
-    NFS3ERR_JUKEBOX: _errno.EAGAIN,
+    Nfsstat3.NFS3ERR_BAD_COOKIE: _errno.EINVAL,
+    Nfsstat3.NFS3ERR_NOTSUPP: _errno.EOPNOTSUPP,
+    Nfsstat3.NFS3ERR_TOOSMALL: _errno.EINVAL,
+    Nfsstat3.NFS3ERR_SERVERFAULT: _errno.EIO,
+    Nfsstat3.NFS3ERR_BADTYPE: _errno.EINVAL,
+    Nfsstat3.NFS3ERR_JUKEBOX: _errno.EAGAIN,
 }
 """THE table: every NFS3ERR_* of RFC 1813 -> errno (NFS3_OK is not in it)."""
 
@@ -95,33 +97,34 @@ def nfs_status_name(status: int) -> str:
 
 # --- mountstat3 (RFC 1813 appendix I §5.1.3) ------------------------------------
 
-MNT3_OK = 0
-MNT3ERR_PERM = 1
-MNT3ERR_NOENT = 2
-MNT3ERR_IO = 5
-MNT3ERR_ACCES = 13
-MNT3ERR_NOTDIR = 20
-MNT3ERR_INVAL = 22
-MNT3ERR_NAMETOOLONG = 63
-MNT3ERR_NOTSUPP = 10004
-MNT3ERR_SERVERFAULT = 10006
 
-MNT3ERR_NAMES: dict[int, str] = {
-    value: name
-    for name, value in globals().items()
-    if name.startswith(("MNT3ERR_", "MNT3_OK")) and isinstance(value, int)
-}
+class Mountstat3(IntEnum):
+    """mountstat3 (RFC 1813 appendix I §5.1.5).  Decoders keep unknown values."""
+
+    MNT3_OK = 0
+    MNT3ERR_PERM = 1
+    MNT3ERR_NOENT = 2
+    MNT3ERR_IO = 5
+    MNT3ERR_ACCES = 13
+    MNT3ERR_NOTDIR = 20
+    MNT3ERR_INVAL = 22
+    MNT3ERR_NAMETOOLONG = 63
+    MNT3ERR_NOTSUPP = 10004
+    MNT3ERR_SERVERFAULT = 10006
+
+
+MNT3ERR_NAMES: dict[int, str] = {int(s): s.name for s in Mountstat3}
 
 MNT3ERR_ERRNO: dict[int, int] = {
-    MNT3ERR_PERM: _errno.EPERM,
-    MNT3ERR_NOENT: _errno.ENOENT,
-    MNT3ERR_IO: _errno.EIO,
-    MNT3ERR_ACCES: _errno.EACCES,
-    MNT3ERR_NOTDIR: _errno.ENOTDIR,
-    MNT3ERR_INVAL: _errno.EINVAL,
-    MNT3ERR_NAMETOOLONG: _errno.ENAMETOOLONG,
-    MNT3ERR_NOTSUPP: _errno.EOPNOTSUPP,
-    MNT3ERR_SERVERFAULT: _errno.EIO,
+    Mountstat3.MNT3ERR_PERM: _errno.EPERM,
+    Mountstat3.MNT3ERR_NOENT: _errno.ENOENT,
+    Mountstat3.MNT3ERR_IO: _errno.EIO,
+    Mountstat3.MNT3ERR_ACCES: _errno.EACCES,
+    Mountstat3.MNT3ERR_NOTDIR: _errno.ENOTDIR,
+    Mountstat3.MNT3ERR_INVAL: _errno.EINVAL,
+    Mountstat3.MNT3ERR_NAMETOOLONG: _errno.ENAMETOOLONG,
+    Mountstat3.MNT3ERR_NOTSUPP: _errno.EOPNOTSUPP,
+    Mountstat3.MNT3ERR_SERVERFAULT: _errno.EIO,
 }
 
 
@@ -225,11 +228,13 @@ class NfsError(WancacheError):
 
 
 _MOUNT_HINTS = {
-    MNT3ERR_NOENT: "no such export or directory on the server (MNT3ERR_NOENT)",
-    MNT3ERR_ACCES: "not exported to this client, or no such directory (MNT3ERR_ACCES)",
-    MNT3ERR_PERM: "not permitted: the server may require a reserved port, try -o resvport "
-                  "(MNT3ERR_PERM)",
-    MNT3ERR_NOTDIR: "not a directory (MNT3ERR_NOTDIR)",
+    Mountstat3.MNT3ERR_NOENT: "no such export or directory on the server (MNT3ERR_NOENT)",
+    Mountstat3.MNT3ERR_ACCES:
+        "not exported to this client, or no such directory (MNT3ERR_ACCES)",
+    Mountstat3.MNT3ERR_PERM:
+        "not permitted: the server may require a reserved port, try -o resvport "
+        "(MNT3ERR_PERM)",
+    Mountstat3.MNT3ERR_NOTDIR: "not a directory (MNT3ERR_NOTDIR)",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from .errors import MountError
+from .errors import MountError, Mountstat3
 from .xdr import Packer, Unpacker
 
 PROGRAM = 100005
@@ -31,20 +31,6 @@ class Proc(IntEnum):
     UMNTALL = 4
     EXPORT = 5
 
-
-class Mountstat3(IntEnum):
-    """mountstat3 (§5.1.5).  Decoders keep unknown values as plain ints."""
-
-    MNT3_OK = 0
-    MNT3ERR_PERM = 1
-    MNT3ERR_NOENT = 2
-    MNT3ERR_IO = 5
-    MNT3ERR_ACCES = 13
-    MNT3ERR_NOTDIR = 20
-    MNT3ERR_INVAL = 22
-    MNT3ERR_NAMETOOLONG = 63
-    MNT3ERR_NOTSUPP = 10004
-    MNT3ERR_SERVERFAULT = 10006
 
 
 _STATUS_OF = {int(s): s for s in Mountstat3}
