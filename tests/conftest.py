@@ -163,6 +163,12 @@ def export(nfs_server: NfsServer, request: pytest.FixtureRequest) -> Export:
 # Log hygiene (as in S3QL): a warning or error logged by wancache fails the test
 # unless the test says it expects one with the `allow_log_warnings` fixture.
 
+@pytest.fixture(autouse=True)
+def _daemon_logs_in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Daemon-mode mounts log to files when there is no syslog: keep them in tmp."""
+    monkeypatch.setenv("WANCACHE_LOG_DIR", str(tmp_path / "daemon-logs"))
+
+
 @pytest.fixture
 def allow_log_warnings() -> None:
     """Mark this test as expecting wancache to log warnings."""
@@ -207,7 +213,7 @@ def mount_factory(export: Export, tmp_path: Path,
         cache = tmp_path / f"cache-{name or len(made)}"
         opts = [f"nfsport={nfs_port or exp.server.nfs_port}",
                 f"mountport={mount_port or exp.server.mount_port}",
-                f"cache_dir={cache}", *options]
+                f"cache_dir={cache}", "metrics=off", *options]
         m = WancacheMount(exp.spec, mnt_dir, opts, log_path=tmp_path / f"{mnt_dir.name}.log")
         made.append(m)
         exp.mounts.append(m)

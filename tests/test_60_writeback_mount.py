@@ -23,7 +23,6 @@ import pytest
 
 from bench.nfsserver import NfsServer
 from bench.wanem import LinkProfile, WanEmulatorThread
-from bench.wcmount import WancacheMount
 from tests.conftest import Export, MountFactory
 
 
@@ -31,7 +30,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:  # noqa: ANN001
+def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

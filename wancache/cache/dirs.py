@@ -70,11 +70,20 @@ class Listing:
         return self.by_name.pop(name, None)
 
 
+@dataclass
+class DirStats:
+    """Listings and lookups answered from the cache (hits) or not (misses)."""
+
+    hits: int = 0
+    misses: int = 0
+
+
 class DirCache:
     """dir handle -> Listing (LRU bounded by the total number of names)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self.stats = DirStats()
         self._listings: LRUCache[bytes, Listing] = LRUCache(
             maxsize=cfg.dir_entries, getsizeof=lambda listing: len(listing) + 1)
         self._negative: LRUCache[tuple[bytes, bytes], float] = LRUCache(NEGATIVE_ENTRIES)

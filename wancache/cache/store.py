@@ -430,7 +430,9 @@ class Store:
         """Answer from the parent's cached listing; None if it cannot tell."""
         listing = await self._valid_names(parent, cred)
         if listing is None:
+            self.dirs.stats.misses += 1
             return None
+        self.dirs.stats.hits += 1
         rec = listing.by_name.get(name)
         if rec is None:
             entry = self.attrs.peek(parent.fh)
@@ -844,7 +846,9 @@ class Store:
         from the cache when it holds, else read again with READDIRPLUS."""
         listing = self.dirs.get(node.fh)
         if listing is not None and (self._fresh(node, listing) or self.offline):
+            self.dirs.stats.hits += 1
             return listing
+        self.dirs.stats.misses += 1
         try:
             return await self._listings.run(node.fh, lambda: self._read_listing(node, cred))
         except TransportError:

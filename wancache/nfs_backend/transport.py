@@ -237,6 +237,8 @@ class _Connection:
             if not data:
                 return
             self.last_recv = trio.current_time()
+            if self.transport.unresponsive:
+                self.transport._answered()
             for record in reader.feed(data):
                 p = self.pending.pop(peek_xid(record), None)
                 if p is None:
@@ -268,6 +270,7 @@ class RpcTransport:
         self._local_ports: dict[int, int] = {}
         self.last_error: BaseException | None = None
         self.connected_once = False
+        self.unresponsive = False    # a call timed out and nothing answered since
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -292,8 +295,14 @@ class RpcTransport:
 
     @property
     def up(self) -> bool:
-        """True while at least one connection is established."""
-        return any(not c.dead for c in self._conns)
+        """True while a connection is established and the server answers on it."""
+        return not self.unresponsive and any(not c.dead for c in self._conns)
+
+    def _answered(self) -> None:
+        if self.unresponsive:
+            self.unresponsive = False
+            log.info("server %s answers again", self.label)
+            self._notify()
 
     async def wait_changed(self) -> None:
         """Return at the next connect or disconnect."""
@@ -407,6 +416,10 @@ class RpcTransport:
         finally:
             self.stats.finished(name, trio.current_time() - started, len(reply or b""),
                                 ok=reply is not None)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("rpc %s xid=%08x %s in %.1f ms (%d bytes out, %d in)", name, xid,
+                          "ok" if reply else "failed", (trio.current_time() - started) * 1e3,
+                          len(record), len(reply or b""))
 
     @contextmanager
     def _deadline(self) -> Iterator[None]:
@@ -418,7 +431,15 @@ class RpcTransport:
             with trio.fail_after(timeout):
                 yield
         except trio.TooSlowError:
-            if not self.up:
+            connected = self.up
+            if not self.unresponsive and self.connected_once:
+                # Said once, not once per request; `up` is false until it answers.
+                # (Before the first connection the caller reports the failure.)
+                log.warning("server %s is not answering: calls fail after %gs",
+                            self.label, timeout)
+                self.unresponsive = True
+                self._notify()
+            if not connected:
                 why = f": {self.last_error}" if self.last_error else ""
                 raise ServerUnreachableError(
                     f"server {self.label} unreachable for {timeout:g}s{why}") from None
