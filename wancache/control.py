@@ -1,7 +1,8 @@
 """The control socket of a mount: how `wancache status/flush/...` and tests talk to
 the daemon.
 
-One root-only Unix socket per mount, at `/run/wancache/<mount point>.sock`.  The
+One root-only Unix socket per mount, at `/run/wancache/<mount point>.sock` (or a
+hash of it, with the mount point in `<hash>.mountpoint`, if that is too long).  The
 protocol is one JSON object per line: a request `{"cmd": NAME, ...}` is answered by
 zero or more progress lines `{"progress": {...}}` and one final line, either
 `{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`.
@@ -10,11 +11,12 @@ zero or more progress lines `{"progress": {...}}` and one final line, either
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "WANCACHE_RUN_DIR"
 MAX_LINE = 1 << 20
+MAX_SOCKET_PATH = 100   # bytes: sockaddr_un holds 108 with the NUL
+_long_names: dict[Path, str] = {}   # hashed socket paths -> their mount points
 
 # A handler gets the request and a `progress(dict)` callback; returns the result.
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -39,10 +43,32 @@ def run_dir() -> Path:
 
 
 def socket_path(mountpoint: str | Path) -> Path:
-    """The control socket of the mount at `mountpoint`."""
-    real = os.path.realpath(mountpoint).strip("/") or "root"
-    name = real.replace("_", "__").replace("/", "_")
-    return run_dir() / f"{name}.sock"
+    """The control socket of the mount at `mountpoint`: the path, '/' -> '_', or, if
+    that makes too long a socket path, a hash (the mount point is then written
+    next to the socket, see `ControlServer`)."""
+    real = os.path.realpath(mountpoint)
+    name = (real.strip("/") or "root").replace("_", "__").replace("/", "_")
+    path = run_dir() / f"{name}.sock"
+    if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
+        digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:20]
+        path = run_dir() / f"~{digest}.sock"
+        _long_names[path] = real
+    return path
+
+
+def _mountpoint_file(sock: Path) -> Path:
+    return sock.with_name(sock.name[:-5] + ".mountpoint")
+
+
+def mount_label(mountpoint: str | Path) -> str:
+    """The absolute path of a mount point, for status and metrics: safe to compute
+    while mounted, as only the parent directory is resolved (asking our own mount
+    from inside the daemon would deadlock)."""
+    path = os.path.abspath(mountpoint)
+    if path == "/":
+        return path
+    parent, name = os.path.split(path)
+    return os.path.join(os.path.realpath(parent), name)
 
 
 def mounts() -> list[Path]:
@@ -50,6 +76,9 @@ def mounts() -> list[Path]:
     found = []
     for sock in sorted(run_dir().glob("*.sock")):
         name = sock.name[:-5]
+        with contextlib.suppress(OSError):   # a hashed name: the mount point is beside
+            found.append(Path(_mountpoint_file(sock).read_text()))
+            continue
         path = "/" + name.replace("__", "\0").replace("_", "/").replace("\0", "_")
         found.append(Path(path))
     return found
@@ -70,6 +99,12 @@ class ControlServer:
         os.chmod(self.path.parent, 0o700)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
+        long_name = _long_names.get(self.path)
+        if long_name is not None:
+            fd = os.open(_mountpoint_file(self.path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                         0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(long_name)
         listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old_umask = os.umask(0o177)
         try:
@@ -87,6 +122,9 @@ class ControlServer:
             listener.close()
             with contextlib.suppress(OSError):
                 self.path.unlink()
+            if long_name is not None:
+                with contextlib.suppress(OSError):
+                    _mountpoint_file(self.path).unlink()
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -140,7 +178,7 @@ async def _lines(stream: trio.SocketStream) -> AsyncIterator[dict[str, Any]]:
 
 
 def request_iter(mountpoint: str | Path, cmd: str, timeout: float | None = 30.0,
-                 **args: Any) -> Iterator[dict[str, Any]]:
+                 **args: Any) -> Generator[dict[str, Any], None, Any]:
     """Send one request; yield progress dicts, then return the result (as the
     generator's return value, see `request`).  ControlError if refused/unreachable."""
     path = socket_path(mountpoint)
@@ -148,9 +186,13 @@ def request_iter(mountpoint: str | Path, cmd: str, timeout: float | None = 30.0,
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
+    except FileNotFoundError:
         sock.close()
         raise ControlError(f"no wancache mount at {mountpoint} (no {path})") from None
+    except ConnectionRefusedError:
+        sock.close()
+        raise ControlError(f"the daemon of {mountpoint} is not running (stale {path})") \
+            from None
     except PermissionError:
         sock.close()
         raise ControlError(f"permission denied on {path} (root only)") from None
@@ -164,7 +206,7 @@ def request_iter(mountpoint: str | Path, cmd: str, timeout: float | None = 30.0,
                 continue
             if not msg.get("ok"):
                 raise ControlError(msg.get("error", "request failed"))
-            return msg.get("result")  # type: ignore[return-value]
+            return msg.get("result")
     raise ControlError("the daemon closed the connection")
 
 

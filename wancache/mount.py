@@ -14,23 +14,22 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import pyfuse3
 import trio
 
+from wancache import metrics
 from wancache.cache.blocks import BlockStore, BlockStoreError
 from wancache.cache.journal import Journal, JournalError
 from wancache.cache.persist import SavedState, load_state, save_state
 from wancache.cache.store import Store
 from wancache.cache.writeback import WriteBack
 from wancache.config import Config, ConfigError
-from wancache.control import ControlServer, Handler, Progress, socket_path
-from wancache.fs.errors import REQUESTS
+from wancache.control import ControlServer, socket_path
 from wancache.fs.notify import KernelNotifier
 from wancache.fs.operations import Operations
+from wancache.handlers import control_handlers
 from wancache.nfs_backend.client import ClientOptions, NfsClient, offline_client, open_client
 from wancache.nfs_backend.errors import RpcTimeoutError, ServerUnreachableError
 from wancache.nfs_backend.stats import RpcStats
@@ -188,43 +187,6 @@ async def _stop_on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS
             return
 
 
-def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[str, Handler]:
-    """What the control socket answers."""
-    store = ops.store
-    async def ping(req: dict[str, Any], progress: Progress) -> Any:
-        return "pong"
-
-    async def stats(req: dict[str, Any], progress: Progress) -> Any:
-        st = client.stats
-        return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
-                "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
-                "server_up": client.up, "inodes": len(ops.inodes),
-                "fuse_requests": dict(REQUESTS),
-                "open_files": ops.open_files,
-                "attrs": {**asdict(store.attrs.stats), "entries": len(store.attrs)},
-                "dirs": {"listings": len(store.dirs)},
-                "data": asdict(store.data.stats) if store.data is not None else {},
-                "blocks": asdict(store.data.blocks.stats)
-                if store.data is not None and store.data.blocks is not None else {},
-                "writeback": {**asdict(store.wb.stats), "pending": store.wb.pending_ops,
-                              "dirty_bytes": store.wb.dirty_bytes,
-                              "oldest_seconds": store.wb.oldest_age()}
-                if store.wb is not None else {}}
-
-    async def reset_stats(req: dict[str, Any], progress: Progress) -> Any:
-        client.stats.reset()
-        return None
-
-    async def flush(req: dict[str, Any], progress: Progress) -> Any:
-        wb = store.wb
-        if wb is None:
-            return {"pending": 0}
-        await wb.sync()
-        return {"pending": wb.pending_ops}
-
-    return {"ping": ping, "stats": stats, "reset_stats": reset_stats, "flush": flush}
-
-
 async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     """Mount `cfg` and serve it until unmounted or signalled."""
     check_mountpoint(cfg.mountpoint)
@@ -275,6 +237,7 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
             await workers.start(KernelNotifier(store, ops.inodes).run)
             await workers.start(ControlServer(control_path,
                                               control_handlers(cfg, client, ops)).run)
+            await workers.start(metrics.serve, cfg, client, ops)
             if ready is not None:
                 ready()
             await pyfuse3.main(min_tasks=4, max_tasks=MAX_FUSE_TASKS)

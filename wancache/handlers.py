@@ -1,0 +1,503 @@
+"""What the control socket of a mount answers: `wancache status/flush/pin/...`.
+
+Commands (`{"cmd": NAME, ...}`, see `wancache.control` for the protocol):
+
+* `ping`, `stats` (every counter), `reset_stats` (zero the RPC counters);
+* `status`: the summary `wancache status` shows;
+* `flush`: wait until every journaled change is on the server, with progress lines
+  `{"pending": ops, "dirty_bytes": n, "total": ops at start}` every half second;
+* `pin`/`unpin`/`evict` with `path` (relative to the mount point; a directory means
+  every regular file below it), `pins` (the pinned files and how much of each is
+  cached), `cached` with `path` (one file's cache state), `refresh_pins`.
+
+Paths are resolved by walking the store from the mount's root (never through the
+mount point itself: the daemon asking its own FUSE file system would deadlock).
+Pinned files are never evicted from the block cache and are kept fresh: every
+`PIN_REFRESH` seconds their attributes are checked (within their lease) and blocks
+missing from the cache, those of a changed file included, are read again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from wancache import metrics
+from wancache.cache.attrs import data_version
+from wancache.cache.blocks import BlockStore
+from wancache.cache.node import Node
+from wancache.cache.store import Store
+from wancache.config import Config
+from wancache.control import Handler, Progress, mount_label
+from wancache.fs.errors import REQUESTS
+from wancache.fs.operations import Operations
+from wancache.nfs_backend.client import NfsClient
+from wancache.nfs_backend.errors import NfsError, TransportError, WancacheError
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3
+from wancache.nfs_backend.transport import Cred
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 0.5       # seconds between progress lines
+PIN_REFRESH = 30.0         # seconds between freshness checks of pinned files
+FETCH_CONCURRENCY = 8      # blocks of a pinned file read at once
+PINS_FILE = "pinned-paths.json"
+ROOT = Cred.root()
+
+
+def _ratio(hits: int, misses: int) -> float | None:
+    total = hits + misses
+    return hits / total if total else None
+
+
+def _os_error(exc: WancacheError, path: str) -> OSError:
+    """A one-line error for a control client (NfsError -> its errno)."""
+    if isinstance(exc, NfsError):
+        return OSError(f"{path or '/'}: {os.strerror(exc.errno)}")
+    if isinstance(exc, TransportError):
+        return OSError(f"server unreachable: {exc}")
+    return OSError(str(exc))
+
+
+def _relpath(req: dict[str, Any]) -> str:
+    """The request's `path`, normalised; ValueError if it leaves the mount."""
+    raw = req.get("path", "")
+    if not isinstance(raw, str):
+        raise TypeError("path must be a string")
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError(f"{raw}: '..' is not allowed (give a path inside the mount)")
+    return "/".join(parts)
+
+
+class PinKeeper:
+    """Pinned files by path: pins them in the block cache, fetches their blocks and
+    keeps them fresh.  Paths (file key -> path) persist in cache_dir."""
+
+    def __init__(self, store: Store, blocks: BlockStore, cache_dir: Path | None) -> None:
+        self.store = store
+        self.blocks = blocks
+        self.file = cache_dir / PINS_FILE if cache_dir is not None else None
+        self.paths: dict[str, str] = {}
+        self._load()
+
+    def _load(self) -> None:
+        if self.file is None or not self.file.exists():
+            return
+        try:
+            loaded = json.loads(self.file.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the pinned paths in %s (%s); they are not refreshed",
+                        self.file, exc)
+            return
+        if isinstance(loaded, dict):
+            pinned = self.blocks.pinned()
+            self.paths = {k: v for k, v in loaded.items()
+                          if isinstance(k, str) and isinstance(v, str) and k in pinned}
+
+    def save(self) -> None:
+        if self.file is None:
+            return
+        tmp = self.file.with_suffix(".tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.paths, f)
+            os.replace(tmp, self.file)
+        except OSError as exc:
+            log.warning("cannot save the pinned paths in %s: %s", self.file, exc)
+
+    def pin(self, node: Node, path: str) -> None:
+        self.blocks.pin(node.key)
+        self.paths[node.key] = path
+
+    def unpin(self, key: str) -> None:
+        self.blocks.unpin(key)
+        self.paths.pop(key, None)
+
+    def cached(self, node: Node, attrs: Fattr3) -> tuple[int, int]:
+        """(blocks cached, blocks in the file) for the file's current version."""
+        bs = self.store.cfg.block_size
+        total = (attrs.size + bs - 1) // bs
+        have = self.blocks.cached_indexes(node.key, data_version(attrs))
+        return len([i for i in have if i < total]), total
+
+    async def fetch(self, node: Node, attrs: Fattr3) -> int:
+        """Read the blocks of `node` missing from the cache; the bytes read."""
+        bs = self.store.cfg.block_size
+        total = (attrs.size + bs - 1) // bs
+        have = self.blocks.cached_indexes(node.key, data_version(attrs))
+        missing = [i for i in range(total) if i not in have]
+        got = [0]
+        failed: list[Exception] = []
+        limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
+        cred = ROOT
+
+        async def read(idx: int) -> bytes:
+            nonlocal cred
+            try:
+                return await self.store.read(node, idx * bs, bs, cred)
+            except NfsError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM) or cred != ROOT:
+                    raise
+                # A server squashing root: read as the file's owner.
+                cred = Cred(attrs.uid, attrs.gid, (attrs.gid,))
+                return await self.store.read(node, idx * bs, bs, cred)
+
+        async def one(idx: int) -> None:
+            async with limiter:
+                if failed:
+                    return
+                try:
+                    got[0] += len(await read(idx))
+                except Exception as exc:   # raised below, outside the nursery's group
+                    failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for idx in missing:
+                nursery.start_soon(one, idx)
+        if failed:
+            raise failed[0]
+        return got[0]
+
+    async def refresh(self) -> dict[str, int]:
+        """One round: every pinned path checked, what changed or is missing fetched."""
+        checked = fetched = gone = 0
+        if self.store.offline:
+            return {"checked": 0, "fetched": 0, "gone": 0}
+        for key, path in list(self.paths.items()):
+            try:
+                node = await resolve(self.store, path)
+                attrs = await self.store.getattr(node, ROOT)
+                if node.key != key:        # replaced by another file of that name
+                    self.unpin(key)
+                    self.pin(node, path)
+                    self.save()
+                fetched += await self.fetch(node, attrs)
+                checked += 1
+            except NfsError as exc:
+                if exc.errno == errno.ENOENT:
+                    log.info("pinned file %s is gone; unpinned", path)
+                    self.unpin(key)
+                    self.save()
+                    gone += 1
+                else:
+                    log.debug("refreshing pinned file %s failed: %s", path, exc)
+            except (TransportError, OSError) as exc:
+                log.debug("refreshing pinned file %s failed: %s", path, exc)
+        return {"checked": checked, "fetched": fetched, "gone": gone}
+
+    async def run(self) -> None:
+        """Refresh every PIN_REFRESH seconds (start in the mount's nursery)."""
+        while True:
+            await trio.sleep(PIN_REFRESH)
+            try:
+                await self.refresh()
+            except Exception as exc:   # a background helper must never take the mount down
+                log.debug("refreshing pinned files failed: %s", exc)
+
+
+async def resolve(store: Store, path: str) -> Node:
+    """The node at `path` (relative to the mount's root), walking the store."""
+    node = store.root
+    for part in path.split("/") if path else []:
+        node, _ = await store.lookup(node, os.fsencode(part), ROOT)
+    return node
+
+
+async def regular_files(store: Store, node: Node, path: str
+                        ) -> list[tuple[Node, Fattr3, str]]:
+    """`node` itself if it is a regular file, else every regular file below it."""
+    if not node.is_dir:
+        attrs = await store.getattr(node, ROOT)
+        if attrs.type is not Ftype3.REG:
+            raise ValueError(f"{path or '/'}: not a regular file or directory")
+        return [(node, attrs, path)]
+    found: list[tuple[Node, Fattr3, str]] = []
+    stack = [(node, path)]
+    while stack:
+        directory, dpath = stack.pop()
+        for rec in await store.merged_records(directory, ROOT):
+            if rec.name in (b".", b".."):
+                continue
+            child, attrs = await store.lookup(directory, rec.name, ROOT)
+            cpath = f"{dpath}/{os.fsdecode(rec.name)}" if dpath else os.fsdecode(rec.name)
+            if attrs.type is Ftype3.DIR:
+                stack.append((child, cpath))
+            elif attrs.type is Ftype3.REG:
+                found.append((child, attrs, cpath))
+    return found
+
+
+class Handlers:
+    """The control commands of one mount."""
+
+    def __init__(self, cfg: Config, client: NfsClient, ops: Operations) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.ops = ops
+        self.store: Store = ops.store
+        self.started = time.time()
+        self.mountpoint = mount_label(cfg.mountpoint)
+        data = self.store.data
+        self.blocks = data.blocks if data is not None else None
+        self.pins: PinKeeper | None = None
+        if self.blocks is not None:
+            self.pins = PinKeeper(self.store, self.blocks, cfg.cache_dir)
+            self.store.nursery.start_soon(self.pins.run)
+
+    def table(self) -> dict[str, Handler]:
+        plain = {"ping": self.ping, "stats": self.stats, "reset_stats": self.reset_stats,
+                 "status": self.status}
+        working = {"flush": self.flush, "pin": self.pin, "unpin": self.unpin,
+                   "evict": self.evict, "cached": self.cached, "pins": self.list_pins,
+                   "refresh_pins": self.refresh_pins}
+        return {**plain, **{name: _clean_errors(fn) for name, fn in working.items()}}
+
+    # -- counters -------------------------------------------------------------------------
+
+    async def ping(self, req: dict[str, Any], progress: Progress) -> Any:
+        return "pong"
+
+    async def stats(self, req: dict[str, Any], progress: Progress) -> Any:
+        st, store = self.client.stats, self.store
+        dir_stats = getattr(store.dirs, "stats", None)
+        return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
+                "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
+                "server_up": self.client.up, "inodes": len(self.ops.inodes),
+                "fuse_requests": dict(REQUESTS),
+                "open_files": self.ops.open_files,
+                "attrs": {**asdict(store.attrs.stats), "entries": len(store.attrs)},
+                "dirs": {"listings": len(store.dirs),
+                         **({"hits": dir_stats.hits, "misses": dir_stats.misses}
+                            if dir_stats is not None else {})},
+                "data": asdict(store.data.stats) if store.data is not None else {},
+                "blocks": {**asdict(self.blocks.stats), "pinned": len(self.blocks.pinned())}
+                if self.blocks is not None else {},
+                "writeback": {**asdict(store.wb.stats), "pending": store.wb.pending_ops,
+                              "dirty_bytes": store.wb.dirty_bytes,
+                              "oldest_seconds": store.wb.oldest_age()}
+                if store.wb is not None else {}}
+
+    async def reset_stats(self, req: dict[str, Any], progress: Progress) -> Any:
+        self.client.stats.reset()
+        return None
+
+    def state(self) -> str:
+        """up: the server answers; disconnected: it does not, the caches serve."""
+        return "up" if self.client.up else "disconnected"
+
+    async def status(self, req: dict[str, Any], progress: Progress) -> Any:
+        cfg, store = self.cfg, self.store
+        attrs = store.attrs.stats
+        dir_stats = getattr(store.dirs, "stats", None)
+        rpc = self.client.stats
+        data = store.data.stats if store.data is not None else None
+        blocks = self.blocks.stats if self.blocks is not None else None
+        wb = store.wb
+        return {
+            "mountpoint": self.mountpoint,
+            "server": cfg.spec,
+            "state": self.state(),
+            "pid": os.getpid(),
+            "uptime": round(time.time() - self.started, 1),
+            "options": {"cache": cfg.cache, "writeback": cfg.writeback,
+                        "read_only": cfg.read_only, "hard": cfg.hard,
+                        "cache_dir": str(cfg.cache_dir) if cfg.cache_dir else None},
+            "leases": {"consistency": cfg.consistency,
+                       "files": list(cfg.lease_bounds(False)),
+                       "directories": list(cfg.lease_bounds(True)),
+                       "negative": cfg.neg_lease},
+            "cache": {"used_bytes": blocks.bytes_used if blocks else 0,
+                      "size_bytes": cfg.cache_size if blocks else 0,
+                      "blocks": blocks.blocks if blocks else 0,
+                      "pinned_files": len(self.blocks.pinned()) if self.blocks else 0,
+                      "evictions": blocks.evictions if blocks else 0,
+                      "attr_entries": len(store.attrs),
+                      "dir_listings": len(store.dirs)},
+            "writeback": {"enabled": wb is not None,
+                          "dirty_bytes": wb.dirty_bytes if wb else 0,
+                          "pending_ops": wb.pending_ops if wb else 0,
+                          "oldest_seconds": round(wb.oldest_age(), 1) if wb else 0.0,
+                          "flushed_ops": wb.stats.ops_flushed if wb else 0,
+                          "conflicts": wb.stats.conflicts if wb else 0,
+                          "lost": wb.stats.lost if wb else 0},
+            "hit_ratio": {
+                "attr": _ratio(attrs.hits, attrs.misses),
+                "dir": _ratio(dir_stats.hits, dir_stats.misses) if dir_stats else None,
+                "block": _ratio(blocks.hits, blocks.misses) if blocks else None,
+                "read_bytes": _ratio(data.cache_bytes, data.server_bytes) if data else None},
+            "rpc": {"calls": sum(p.calls for p in rpc.procs.values()),
+                    "errors": sum(p.errors for p in rpc.procs.values()),
+                    "in_flight": rpc.in_flight, "reconnects": rpc.reconnects},
+            "metrics": metrics.listening(),
+        }
+
+    # -- flush ----------------------------------------------------------------------------
+
+    async def flush(self, req: dict[str, Any], progress: Progress) -> Any:
+        wb = self.store.wb
+        began = trio.current_time()
+        if wb is None:
+            return {"pending": 0, "flushed": 0, "seconds": 0.0}
+        total, flushed_before = wb.pending_ops, wb.stats.ops_flushed
+        await _ticking(wb.sync, lambda: {"pending": wb.pending_ops,
+                                         "dirty_bytes": wb.dirty_bytes, "total": total,
+                                         "server_up": self.client.up}, progress)
+        return {"pending": wb.pending_ops, "flushed": wb.stats.ops_flushed - flushed_before,
+                "seconds": round(trio.current_time() - began, 3)}
+
+    # -- pins, eviction -----------------------------------------------------------------
+
+    def _need_blocks(self) -> tuple[BlockStore, PinKeeper]:
+        if self.blocks is None or self.pins is None:
+            raise ValueError(f"{self.mountpoint} has no block cache (cache=off)")
+        return self.blocks, self.pins
+
+    async def pin(self, req: dict[str, Any], progress: Progress) -> Any:
+        _, pins = self._need_blocks()
+        path = _relpath(req)
+        files = await regular_files(self.store, await resolve(self.store, path), path)
+        began = trio.current_time()
+        done = {"files": 0, "of": len(files), "bytes": 0, "fetched": 0}
+        skipped: list[str] = []
+
+        async def work() -> None:
+            for node, attrs, fpath in files:
+                if node.is_local:
+                    skipped.append(fpath)   # not on the server yet: nothing to cache
+                    continue
+                pins.pin(node, fpath)
+                done["fetched"] += await pins.fetch(node, attrs)
+                done["files"] += 1
+                done["bytes"] += attrs.size
+            pins.save()
+
+        await _ticking(work, lambda: dict(done), progress)
+        return {"files": done["files"], "bytes": done["bytes"],
+                "fetched_bytes": done["fetched"], "skipped": skipped,
+                "seconds": round(trio.current_time() - began, 3)}
+
+    async def unpin(self, req: dict[str, Any], progress: Progress) -> Any:
+        blocks, pins = self._need_blocks()
+        path = _relpath(req)
+        under = [k for k, p in pins.paths.items()
+                 if not path or p == path or p.startswith(path + "/")]
+        if not under:
+            node = await resolve(self.store, path)
+            under = [n.key for n, _, _ in await regular_files(self.store, node, path)
+                     if n.key in blocks.pinned()]
+        for key in under:
+            pins.unpin(key)
+        pins.save()
+        return {"files": len(under)}
+
+    async def evict(self, req: dict[str, Any], progress: Progress) -> Any:
+        blocks, _ = self._need_blocks()
+        path = _relpath(req)
+        files = await regular_files(self.store, await resolve(self.store, path), path)
+        dropped = evicted = 0
+        kept: list[str] = []
+        pinned = blocks.pinned()
+        for node, _attrs, fpath in files:
+            if node.key in pinned:
+                kept.append(fpath)
+                continue
+            dropped += await blocks.evict_file(node.key)
+            if self.store.data is not None:
+                self.store.data.forget(node.key)
+            evicted += 1
+        return {"files": evicted, "blocks": dropped, "pinned_kept": kept}
+
+    async def cached(self, req: dict[str, Any], progress: Progress) -> Any:
+        blocks, pins = self._need_blocks()
+        path = _relpath(req)
+        node = await resolve(self.store, path)
+        attrs = await self.store.getattr(node, ROOT)
+        have, total = pins.cached(node, attrs)
+        return {"path": path, "size": attrs.size, "blocks": total, "cached_blocks": have,
+                "pinned": node.key in blocks.pinned()}
+
+    async def list_pins(self, req: dict[str, Any], progress: Progress) -> Any:
+        _, pins = self._need_blocks()
+        out = []
+        for key, path in sorted(pins.paths.items(), key=lambda kv: kv[1]):
+            entry: dict[str, Any] = {"path": path}
+            with contextlib.suppress(NfsError, TransportError, OSError):
+                node = await resolve(self.store, path)
+                attrs = self.store.attrs.peek(node.fh)
+                if attrs is not None and node.key == key:
+                    have, total = pins.cached(node, attrs.attrs)
+                    entry.update(size=attrs.attrs.size, blocks=total, cached_blocks=have)
+            out.append(entry)
+        return out
+
+    async def refresh_pins(self, req: dict[str, Any], progress: Progress) -> Any:
+        _, pins = self._need_blocks()
+        return await pins.refresh()
+
+
+async def _ticking(work: Callable[[], Awaitable[None]],
+                   snapshot: Callable[[], dict[str, Any]], progress: Progress) -> None:
+    """Run `work`, sending `snapshot()` as a progress line every PROGRESS_EVERY seconds
+    (at least once) until it is done; its exception, if any, is raised."""
+    done = trio.Event()
+    failed: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            await work()
+        except Exception as exc:
+            failed.append(exc)
+        finally:
+            done.set()
+
+    hung_up = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        try:
+            while not done.is_set():
+                await progress(snapshot())
+                with trio.move_on_after(PROGRESS_EVERY):
+                    await done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            hung_up = True            # the client went away: stop the work
+            nursery.cancel_scope.cancel()
+    if hung_up:
+        raise trio.BrokenResourceError("the control client hung up")
+    if failed:
+        raise failed[0]
+
+
+def _clean_errors(fn: Callable[[dict[str, Any], Progress], Awaitable[Any]]) -> Handler:
+    """Turn NFS and transport errors into one-line OSErrors naming the path."""
+    async def handler(req: dict[str, Any], progress: Progress) -> Any:
+        try:
+            return await fn(req, progress)
+        except WancacheError as exc:
+            raise _os_error(exc, str(req.get("path", ""))) from None
+        except ExceptionGroup as group:
+            leaf: BaseException = group
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            if isinstance(leaf, WancacheError):
+                raise _os_error(leaf, str(req.get("path", ""))) from None
+            if isinstance(leaf, OSError | ValueError | LookupError):
+                raise leaf from None
+            raise
+    return handler
+
+
+def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[str, Handler]:
+    """What the control socket of the mount answers."""
+    return Handlers(cfg, client, ops).table()
