@@ -343,7 +343,8 @@ class WriteBack:
         is finished, so their BIND records are kept for a replay meanwhile.
         """
         op.time_ns = op.time_ns or time.time_ns()
-        self.last_local_change = trio.current_time()
+        if op.kind != "bind":     # our own bookkeeping is not an application at work
+            self.last_local_change = trio.current_time()
         ids = _local_ids(op)
         for local_id in ids:
             self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
