@@ -125,6 +125,9 @@ def check_target(row: Row, step: Step, link: LinkProfile) -> tuple[bool | None, 
             return None, "unlimited link"
         share = row.rate / (link.down_mbit * 1e6 / 8)
         return share >= t.value, f"{share * 100:.0f}%"
+    if t.kind == "rate-noread":
+        reads = (row.rpcs_by_proc or {}).get("READ", 0)
+        return row.rate >= t.value and reads == 0, f"{reads} READs"
     return row.rate >= t.value, ""
 
 
@@ -269,9 +272,9 @@ def _notes(report: Report) -> list[str]:
     return NOTES + list(report.meta.get("notes", []))
 
 
-def text_table(report: Report) -> str:
-    """The table in fixed-width columns, with the run's header and notes."""
-    rows = [list(HEADERS)]
+def _grouped_cells(report: Report) -> list[list[str]]:
+    """Each row's cells, the workload named only on its first row."""
+    out: list[list[str]] = []
     last = None
     for row in report.rows:
         c = cells(row)
@@ -279,7 +282,13 @@ def text_table(report: Report) -> str:
             c[0] = ""
         else:
             last = c[0]
-        rows.append(c)
+        out.append(c)
+    return out
+
+
+def text_table(report: Report) -> str:
+    """The table in fixed-width columns, with the run's header and notes."""
+    rows = [list(HEADERS), *_grouped_cells(report)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADERS))]
     lines = [*header_lines(report), ""]
     for i, r in enumerate(rows):
@@ -302,13 +311,7 @@ def markdown_table(report: Report) -> str:
     lines.append("| " + " | ".join(HEADERS) + " |")
     lines.append("|" + "|".join(" ---: " if i in RIGHT else " --- "
                                 for i in range(len(HEADERS))) + "|")
-    last = None
-    for row in report.rows:
-        c = cells(row)
-        if c[0] == last:
-            c[0] = ""
-        else:
-            last = c[0]
+    for c in _grouped_cells(report):
         lines.append("| " + " | ".join(md(x) for x in c) + " |")
     lines.append("")
     lines += [f"- {n}" for n in _notes(report)]

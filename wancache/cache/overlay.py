@@ -14,9 +14,9 @@ Pure data structures: no I/O, no awaits.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from wancache.nfs_backend.nfs3 import Fattr3, NfsTime
+from wancache.nfs_backend.nfs3 import Fattr3
 
 from .node import Node
 
@@ -137,10 +137,3 @@ class NodeOverlay:
     base_blocks: str | None = None    # block cache version of the data they apply to
     target: bytes = b""               # symlinks created here
     seqs: set[int] = field(default_factory=set)   # records of this node not yet done
-
-    def touch(self, now: NfsTime, *, data: bool) -> None:
-        """A local change: ctime (and mtime for data changes) become now."""
-        if data:
-            self.attrs = replace(self.attrs, ctime=now, mtime=now)
-        else:
-            self.attrs = replace(self.attrs, ctime=now)

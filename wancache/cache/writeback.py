@@ -269,10 +269,6 @@ def _ref(node: Node) -> str:
     return "f" + node.fh.hex()
 
 
-def _now() -> NfsTime:
-    return NfsTime.from_ns(time.time_ns())
-
-
 class WriteBack:
     """The write-back layer of one mount: journal, overlay, flusher."""
 
@@ -1261,6 +1257,3 @@ class WriteBack:
     def _replay_bound_create(self, op: Op, fh: bytes) -> None:
         """A create that reached the server before the crash (its BIND says so)."""
         self._schedule_complete([op.seq])
-
-    def pending_nodes(self) -> Iterable[Node]:
-        return list(self._by_node)
