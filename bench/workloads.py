@@ -422,7 +422,7 @@ class Untar(Workload):
             Step(self.name, "returns", "tar returns", "files/s", n, (Need(),),
                  Target(f"<={limit:g} s", "seconds", limit), libnfs=True),
             Step(self.name, "on-server", "all on server", "files/s", n, (upload,),
-                 libnfs=True),
+                 Target(f"<={6 * limit:g} s", "seconds", 6 * limit), libnfs=True),
         ]
 
     @staticmethod
