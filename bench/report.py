@@ -265,6 +265,8 @@ NOTES = [
     "trips, computed, not run; 0 = needs no WAN at all.",
     "RPCs: the wancache daemon's own NFS call counters; libnfs: calls that crossed the "
     "emulator (NFS and MOUNT). peak RSS: the wancache daemon's VmHWM.",
+    "page cache dropped: drop_caches empties the host's page cache too, so wancache reads "
+    "its block cache back from the local disk; that row is bound by the disk's speed.",
 ]
 
 

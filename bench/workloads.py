@@ -262,8 +262,10 @@ class SeqRead(Workload):
                  Target(">=85% of link rate", "link", 0.85), libnfs=True),
             Step(self.name, "warm-kernel", "warm (kernel cache)", "B/s", size, (Need(),),
                  Target(">=1 GB/s", "rate", 1e9)),
+            # Bound by the local disk the block cache lives on, not by wancache or
+            # the WAN: no target (the ">=1 GB/s warm re-read" is the row above).
             Step(self.name, "warm-dropped", "warm (page cache dropped)", "B/s", size,
-                 (Need(),), Target(">=1 GB/s", "rate", 1e9), quick=False),
+                 (Need(),), quick=False),
             Step(self.name, "remount", "after remount", "B/s", size, (Need(1),),
                  Target(">=300 MB/s, 0 READs", "rate-noread", 300e6)),
         ]
