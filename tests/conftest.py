@@ -234,6 +234,21 @@ def mount_factory(export: Export, tmp_path: Path,
         pytest.fail("\n".join(errors))
 
 
+CACHE_MODES = {"cache_off": ["cache=off"], "cached": []}
+
+
+@pytest.fixture(params=list(CACHE_MODES))
+def mode(request: pytest.FixtureRequest) -> str:
+    """Each key of CACHE_MODES: a behaviour must hold with and without caches."""
+    return str(request.param)
+
+
+@pytest.fixture
+def srv(export: Export) -> Path:
+    """The test's export directory on the server's local disk (read only)."""
+    return export.path
+
+
 @pytest.fixture
 def mnt(mount_factory: MountFactory) -> WancacheMount:
     """A wancache mount with default options."""

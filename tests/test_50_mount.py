@@ -13,16 +13,15 @@ import pytest
 
 from bench.wanem import LinkProfile, WanEmulatorThread
 from bench.wcmount import WancacheMount
-from tests.conftest import Export, MountFactory, run_tool
+from tests.conftest import CACHE_MODES, Export, MountFactory, run_tool
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = {"passthrough": ["cache=off"], "default": []}
 
 
-@pytest.fixture(params=sorted(MODES))
-def fs(request: pytest.FixtureRequest, mount_factory: MountFactory) -> WancacheMount:
-    """A mount in each mode: every behaviour must hold with and without caches."""
-    return mount_factory(MODES[request.param])
+@pytest.fixture
+def fs(mode: str, mount_factory: MountFactory) -> WancacheMount:
+    """A mount in each cache mode."""
+    return mount_factory(CACHE_MODES[mode])
 
 
 def sh(*argv: str | Path, cwd: Path | None = None) -> str:

@@ -45,11 +45,9 @@ import pytest
 import trio
 
 from bench.wcmount import WancacheMount
-from tests.conftest import Export, MountFactory
+from tests.conftest import CACHE_MODES, Export, MountFactory
 from wancache.nfs_backend.client import ClientOptions, open_client
 from wancache.nfs_backend.transport import Cred
-
-MODES = {"cache_off": ["cache=off"], "cached": []}
 
 AT_FDCWD = -100
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -63,26 +61,15 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 # -- fixtures and helpers --------------------------------------------------------------
 
-@pytest.fixture(params=list(MODES))
-def mode(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @pytest.fixture
 def wc(mode: str, mount_factory: MountFactory) -> WancacheMount:
-    return mount_factory(MODES[mode])
+    return mount_factory(CACHE_MODES[mode])
 
 
 @pytest.fixture
 def d(wc: WancacheMount) -> Path:
     """The mount point: the test's export directory as wancache shows it."""
     return wc.mountpoint
-
-
-@pytest.fixture
-def srv(export: Export) -> Path:
-    """The same directory on the server's local disk (read only)."""
-    return export.path
 
 
 def expect_errno(err: int, fn: Callable[..., object], *args: object, **kw: object) -> None:
@@ -850,14 +837,13 @@ def test_readdir_types_and_inodes(d: Path) -> None:
         assert e.inode() == os.lstat(d / name).st_ino, name
 
 
-@pytest.mark.parametrize("options", list(MODES.values()), ids=list(MODES))
-def test_readdir_10000_entries(options: list[str], export: Export,
+def test_readdir_10000_entries(mode: str, export: Export,
                                mount_factory: MountFactory) -> None:
     big = export.path / "big"
     big.mkdir()                                  # ganesha has not seen it yet
     for i in range(10_000):
         (big / f"entry-{i:05d}-{'x' * (i % 40)}").touch()
-    m = mount_factory(options)
+    m = mount_factory(CACHE_MODES[mode])
     names = os.listdir(m.mountpoint / "big")
     assert len(names) == 10_000
     assert sorted(names) == sorted(os.listdir(big))
@@ -869,13 +855,12 @@ class Dirent(ctypes.Structure):
                 ("d_name", ctypes.c_char * 256)]
 
 
-@pytest.mark.parametrize("options", list(MODES.values()), ids=list(MODES))
-def test_telldir_seekdir(options: list[str], export: Export,
+def test_telldir_seekdir(mode: str, export: Export,
                          mount_factory: MountFactory) -> None:
     (export.path / "dir").mkdir()
     for i in range(1000):
         (export.path / "dir" / f"e{i:04d}").touch()
-    m = mount_factory(options)
+    m = mount_factory(CACHE_MODES[mode])
     libc.opendir.restype = ctypes.c_void_p
     libc.opendir.argtypes = [ctypes.c_char_p]
     libc.readdir.restype = ctypes.POINTER(Dirent)

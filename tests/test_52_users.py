@@ -27,9 +27,8 @@ from pathlib import Path
 import pytest
 
 from bench.wcmount import WancacheMount
-from tests.conftest import Export, MountFactory
+from tests.conftest import CACHE_MODES, MountFactory
 
-MODES = {"cache_off": ["cache=off"], "cached": []}
 ALICE, BOB = "wancache-alice", "wancache-bob"
 TEAM = "wancache-team"        # bob joins it during a test (and leaves it afterwards)
 ALICE_EXTRA = "wancache-extra"  # a supplementary group of alice
@@ -100,24 +99,14 @@ def users() -> Iterator[Users]:
     _leave_group(BOB, TEAM)
 
 
-@pytest.fixture(params=list(MODES))
-def mode(request: pytest.FixtureRequest) -> str:
-    return request.param
-
-
 @pytest.fixture
 def wc(mode: str, mount_factory: MountFactory, users: Users) -> WancacheMount:
-    return mount_factory(MODES[mode])
+    return mount_factory(CACHE_MODES[mode])
 
 
 @pytest.fixture
 def d(wc: WancacheMount) -> Path:
     return wc.mountpoint
-
-
-@pytest.fixture
-def srv(export: Export) -> Path:
-    return export.path
 
 
 def run_as(user: str, script: str, cwd: Path,
