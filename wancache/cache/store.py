@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import weakref
@@ -411,10 +412,10 @@ class Store:
             if found is None:
                 raise
             return found
-        attrs = res.obj_attributes or await self.client.getattr(res.object, cred)
+        attrs = res.obj_attributes or await self.client.getattr(res.fh, cred)
         if name == b"..":
-            return self.node_for(res.object, attrs), attrs
-        return self.node_for(res.object, attrs, parent, name), attrs
+            return self.node_for(res.fh, attrs), attrs
+        return self.node_for(res.fh, attrs, parent, name), attrs
 
     def _remembered(self, parent: Node, name: bytes) -> tuple[Node, Fattr3] | None:
         """While disconnected: what `name` was the last time we looked it up."""
@@ -565,8 +566,7 @@ class Store:
                          cred: Cred) -> tuple[Node, Fattr3]:
         fh = res.object
         if fh is None:
-            look = await self.client.lookup(parent.fh, name, cred)
-            fh = look.object
+            fh = (await self.client.lookup(parent.fh, name, cred)).fh
         attrs = res.obj_attributes or await self.client.getattr(fh, cred)
         self._changed_dir(parent, res.dir_wcc, name, added=(attrs.fileid, fh, attrs.type))
         return self.node_for(fh, attrs, parent, name), attrs
@@ -880,8 +880,8 @@ class Store:
             first: tuple[int, int, int] | None = None
             last: Fattr3 | None = None
             while True:
-                res = await self._on(node, cred, lambda fh, c=cookie, v=verf:
-                                     self.client.readdirplus(fh, c, v, cred))
+                res = await self._on(node, cred, functools.partial(
+                    self.client.readdirplus, cookie=cookie, cookieverf=verf, cred=cred))
                 verf = res.cookieverf
                 if res.dir_attributes is not None:
                     last = res.dir_attributes
@@ -898,6 +898,7 @@ class Store:
             if first == version(last) and self._dir_gen.get(node.fh, 0) == generation:
                 consistent = True
                 break
+        assert last is not None   # every attempt ends with the directory's attributes
         listing = Listing.of(records, version(last))
         if not consistent:
             return listing
@@ -1034,8 +1035,8 @@ class Store:
             got = b""
             while len(got) < count:
                 at, want = off + len(got), count - len(got)
-                res = await self._on(node, cred, lambda fh, at=at, want=want:
-                                     self.client.read(fh, at, want, cred))
+                res = await self._on(node, cred, functools.partial(
+                    self.client.read, offset=at, count=want, cred=cred))
                 got += res.data
                 if res.eof or not res.data:
                     eof_at = min(eof_at, i)
@@ -1066,8 +1067,8 @@ class Store:
         view = memoryview(data)
         for start in range(0, len(data), wsize):
             chunk = bytes(view[start:start + wsize])
-            res = await self._on(node, cred, lambda fh, c=chunk, o=offset + start:
-                                 self.client.write(fh, o, c, cred, stable=stable))
+            res = await self._on(node, cred, functools.partial(
+                self.client.write, offset=offset + start, data=chunk, cred=cred, stable=stable))
             if res.count != len(chunk):
                 raise StoreError(errno.EIO, f"short WRITE ({res.count} of {len(chunk)})")
             if res.committed == StableHow.UNSTABLE:
@@ -1092,8 +1093,9 @@ class Store:
                 log.warning("server rebooted: re-sending %d uncommitted writes of %r",
                             len(lost), node.path())
             for w in lost:
-                await self._on(node, cred, lambda fh, w=w: self.client.write(
-                    fh, w.offset, w.data, cred, stable=StableHow.FILE_SYNC))
+                await self._on(node, cred, functools.partial(
+                    self.client.write, offset=w.offset, data=w.data, cred=cred,
+                    stable=StableHow.FILE_SYNC))
         except BaseException:
             state.unstable[:0] = pending
             state.unstable_bytes += sum(len(w.data) for w in pending)

@@ -575,18 +575,17 @@ class WriteBack:
         elif kind == "write":
             node = self._node(op.node)
             ov = self._overlay_for(node, self.attrs_of(node))
-            if ov.file is None:
-                self._start_file(node, ov)
+            file = ov.file or self._start_file(node, ov)
             if ov.base_version is None and op.base:
                 ov.base_version = op.base
-            ov.file.write(op.offset, op.data, seq)
-            size = ov.file.size
+            file.write(op.offset, op.data, seq)
+            size = file.size
             ov.attrs = replace(ov.attrs, size=size, used=max(ov.attrs.used, size),
                                mtime=now, ctime=now)
             ov.seqs.add(seq)
             self.dirty_bytes += len(op.data)
             self._queue(op, (node,), reads=(), writes=(("o", node),))
-            if ov.file.dirty_bytes > EAGER_BYTES and not replaying:
+            if file.dirty_bytes > EAGER_BYTES and not replaying:
                 self._hurry(self._by_node.get(node, []))
         elif kind == "setattr":
             node = self._node(op.node)
@@ -600,11 +599,10 @@ class WriteBack:
                 if name in a:
                     changes[name] = now if a[name] < 0 else NfsTime.from_ns(a[name])
             if "size" in a:
-                if ov.file is None:
-                    self._start_file(node, ov)
+                file = ov.file or self._start_file(node, ov)
                 if ov.base_version is None and op.base:
                     ov.base_version = op.base
-                ov.file.truncate(a["size"])
+                file.truncate(a["size"])
                 changes["size"] = a["size"]
                 changes.setdefault("mtime", now)
             ov.attrs = replace(ov.attrs, **changes)
@@ -914,15 +912,16 @@ class WriteBack:
                          else NfsTime.from_ns(a[k])) for k in ("atime", "mtime") if k in a}
             sattr = Sattr3(mode=a.get("mode"), uid=a.get("uid"), gid=a.get("gid"),
                            size=a.get("size"), **times)
-            res = await client.setattr(self._fh(op.node), sattr, batch[-1].op.cred)
+            await client.setattr(self._fh(op.node), sattr, batch[-1].op.cred)
             await self._remember_version(node)
         elif kind in ("remove", "rmdir"):
             parent = self._node(op.parent)
+            gone: nfs3.DirWccRes
             try:
                 if kind == "remove":
-                    res = await client.remove(self._fh(op.parent), op.name, cred)
+                    gone = await client.remove(self._fh(op.parent), op.name, cred)
                 else:
-                    res = await client.rmdir(self._fh(op.parent), op.name, cred)
+                    gone = await client.rmdir(self._fh(op.parent), op.name, cred)
             except NfsError as exc:
                 if exc.status == Nfsstat3.NFS3ERR_NOENT:
                     return     # already gone (a replay, or another client removed it)
@@ -931,29 +930,30 @@ class WriteBack:
                                 parent.path() + b"/" + op.name)
                     return
                 raise
-            self.store.server_changed_dir(parent, res.dir_wcc, op.name, removed=True)
+            self.store.server_changed_dir(parent, gone.dir_wcc, op.name, removed=True)
         elif kind == "rename":
             src, dst, node = self._node(op.parent), self._node(op.parent2), self._node(op.node)
             try:
-                res = await client.rename(self._fh(op.parent), op.name, self._fh(op.parent2),
-                                          op.name2, cred)
+                moved = await client.rename(self._fh(op.parent), op.name,
+                                            self._fh(op.parent2), op.name2, cred)
             except NfsError as exc:
                 if exc.status == Nfsstat3.NFS3ERR_NOENT and await self._exists_as(
                         dst, op.name2, node, cred):
                     return     # a replay: it had been renamed
                 raise
-            self.store.server_changed_dir(src, res.fromdir_wcc, op.name, removed=True)
-            self.store.server_changed_dir(dst, res.todir_wcc, op.name2, added=node)
+            self.store.server_changed_dir(src, moved.fromdir_wcc, op.name, removed=True)
+            self.store.server_changed_dir(dst, moved.todir_wcc, op.name2, added=node)
         elif kind == "link":
             node, parent = self._node(op.node), self._node(op.parent)
             try:
-                res = await client.link(self._fh(op.node), self._fh(op.parent), op.name, cred)
+                linked = await client.link(self._fh(op.node), self._fh(op.parent), op.name,
+                                           cred)
             except NfsError as exc:
                 if exc.status == Nfsstat3.NFS3ERR_EXIST and await self._exists_as(
                         parent, op.name, node, cred):
                     return
                 raise
-            self.store.server_changed_dir(parent, res.linkdir_wcc, op.name, added=node)
+            self.store.server_changed_dir(parent, linked.linkdir_wcc, op.name, added=node)
 
     async def _exists_as(self, parent: Node, name: bytes, node: Node, cred: Cred) -> bool:
         try:
@@ -969,6 +969,7 @@ class WriteBack:
         pfh = self._fh(op.parent)
         sattr = Sattr3(mode=op.mode)
         name = op.name
+        res: nfs3.DirOpRes
         for attempt in range(2):
             try:
                 if ftype is Ftype3.REG:
@@ -990,8 +991,9 @@ class WriteBack:
                 if fate_unknown or ftype is Ftype3.DIR:
                     # Ours from before (a replay, a lost reply), or a directory to merge.
                     look = await self.client.lookup(pfh, name, cred)
-                    if look.obj_attributes is not None and look.obj_attributes.type is ftype:
-                        self._bind(node, look.object, look.obj_attributes, op)
+                    fh, attrs = look.object, look.obj_attributes
+                    if fh is not None and attrs is not None and attrs.type is ftype:
+                        self._bind(node, fh, attrs, op)
                         return
                 if attempt:
                     raise

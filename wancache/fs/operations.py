@@ -32,6 +32,7 @@ import os
 import stat
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyfuse3
@@ -212,7 +213,7 @@ class Operations(pyfuse3.Operations):
             return entry
         return self._entry(node, attrs, parent, name)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
             self.inodes.forget(ino, nlookup)
 
@@ -481,9 +482,9 @@ class Operations(pyfuse3.Operations):
                 if e.name in (b".", b".."):
                     # The kernel does not count lookups for these two.
                     ino = self.inodes.peek(parent) if e.name == b"." else None
-                    attrs = e.attrs or await self.store.getattr(parent, od.cred)
+                    dot = e.attrs or await self.store.getattr(parent, od.cred)
                     if not pyfuse3.readdir_reply(token, e.name,
-                                                 to_entry(ino or e.fileid, attrs), e.offset):
+                                                 to_entry(ino or e.fileid, dot), e.offset):
                         return
                     offset = e.offset
                     continue

@@ -227,7 +227,7 @@ class NfsError(WancacheError):
         return (type(self), (self.status, self.proc, self.res))
 
 
-_MOUNT_HINTS = {
+_MOUNT_HINTS: dict[int, str] = {
     Mountstat3.MNT3ERR_NOENT: "no such export or directory on the server (MNT3ERR_NOENT)",
     Mountstat3.MNT3ERR_ACCES:
         "not exported to this client, or no such directory (MNT3ERR_ACCES)",

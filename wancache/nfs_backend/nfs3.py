@@ -596,6 +596,12 @@ class LookupRes:
     obj_attributes: Fattr3 | None = None
     dir_attributes: Fattr3 | None = None
 
+    @property
+    def fh(self) -> bytes:
+        """The handle found; a successful reply always carries one."""
+        assert self.object is not None, "LOOKUP3resok without a handle"
+        return self.object
+
 
 @dataclass(frozen=True, slots=True)
 class AccessArgs:
