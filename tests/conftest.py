@@ -126,11 +126,13 @@ async def _overwrite(export: Export, path: bytes, data: bytes) -> None:
         fh = client.root_fh
         parts = path.split(b"/")
         for part in parts[:-1]:
-            fh = (await client.lookup(fh, part, root)).object
+            fh = (await client.lookup(fh, part, root)).fh
+        target: bytes | None
         try:
-            target = (await client.lookup(fh, parts[-1], root)).object
+            target = (await client.lookup(fh, parts[-1], root)).fh
         except NfsError:
             target = (await client.create(fh, parts[-1], root)).object
+        assert target is not None
         await client.setattr(target, Sattr3(size=0), root)
         await client.write(target, 0, data, root, stable=StableHow.FILE_SYNC)
         client.close()

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
+from typing import Any
 
 import trio
 
@@ -82,7 +83,7 @@ class FakeNfs:
         self.nodes[fh] = node
         return node
 
-    def _touch(self, node: FakeNode, **changes: object) -> None:
+    def _touch(self, node: FakeNode, **changes: Any) -> None:
         t = _now()
         node.attrs = replace(node.attrs, mtime=t, ctime=t, **changes)
 
@@ -104,7 +105,7 @@ class FakeNfs:
         self._touch(parent, size=len(parent.children))
         return node
 
-    def tree(self, path: str = "/") -> dict[str, bytes | dict]:
+    def tree(self, path: str = "/") -> dict[str, Any]:
         """The server's tree below `path`: {name: contents or {subtree}}."""
         node = self.path(path)
         out: dict[str, bytes | dict] = {}
@@ -231,8 +232,10 @@ class FakeNfs:
                      attrs: Sattr3 | None = None,
                      mode: nfs3.CreateMode = nfs3.CreateMode.UNCHECKED,
                      verf: bytes | None = None) -> nfs3.CreateRes:
-        return await self._dirop("CREATE", dir_fh, name, Ftype3.REG, attrs or Sattr3(), cred,
-                                 exclusive=mode is nfs3.CreateMode.GUARDED)
+        res = await self._dirop("CREATE", dir_fh, name, Ftype3.REG, attrs or Sattr3(), cred,
+                                exclusive=mode is nfs3.CreateMode.GUARDED)
+        assert isinstance(res, nfs3.CreateRes)
+        return res
 
     async def mkdir(self, dir_fh: bytes, name: bytes, attrs: Sattr3,
                     cred: Cred) -> nfs3.DirOpRes:

@@ -21,6 +21,12 @@ def test_ruff_is_clean() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_mypy_is_clean() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_readme_opens_with_demo_and_test_commands() -> None:
     demo, tests = _readme_commands()
     assert demo == "./scripts/bootstrap && .venv/bin/python -m bench.demo"

@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from tests.fakes import FakeNfs
+from wancache.cache.node import Node
 from wancache.cache.store import DirCursor, Store
 from wancache.config import build_config
 from wancache.nfs_backend.errors import NfsError
@@ -31,15 +32,16 @@ async def open_store(fake: FakeNfs, nursery: trio.Nursery, *options: str) -> Sto
     return store
 
 
-async def list_all(store: Store, node) -> list[bytes]:
+async def list_all(store: Store, node: Node) -> list[bytes]:
     cursor = DirCursor(node)
-    names, cookie = [], 0
+    names: list[bytes] = []
+    offset = 0
     while True:
-        entries, eof = await store.readdir(cursor, cookie, ROOT)
+        entries, eof = await store.readdir(cursor, offset, ROOT)
         names += [e.name for e in entries]
         if eof or not entries:
             return names
-        cookie = entries[-1].cookie
+        offset = entries[-1].offset
 
 
 async def test_attributes_within_lease_cost_nothing(autojump_clock: trio.abc.Clock,
@@ -69,18 +71,23 @@ async def test_lease_adapts_like_linux(autojump_clock: trio.abc.Clock,
     store = await open_store(fake, nursery)
     new_node, _ = await store.lookup(store.root, b"new", ROOT)
     old_node, _ = await store.lookup(store.root, b"old", ROOT)
-    assert store.attrs.peek(new_node.fh).lease == 3     # changed just now: acregmin
-    assert store.attrs.peek(old_node.fh).lease == 60    # unchanged for a day: acregmax
+    def lease(node: Node) -> float:
+        entry = store.attrs.peek(node.fh)
+        assert entry is not None
+        return entry.lease
+
+    assert lease(new_node) == 3     # changed just now: acregmin
+    assert lease(old_node) == 60    # unchanged for a day: acregmax
     leases = []
     for _ in range(6):
-        await trio.sleep(store.attrs.peek(new_node.fh).lease + 0.1)
+        await trio.sleep(lease(new_node) + 0.1)
         await store.getattr(new_node, ROOT)
-        leases.append(store.attrs.peek(new_node.fh).lease)
+        leases.append(lease(new_node))
     assert leases == [6, 12, 24, 48, 60, 60]          # unchanged: doubled up to acregmax
     fake.server_write("/new", b"changed")
     await trio.sleep(60.1)
     assert (await store.getattr(new_node, ROOT)).size == 7
-    assert store.attrs.peek(new_node.fh).lease == 3     # a change resets it
+    assert lease(new_node) == 3     # a change resets it
 
 
 async def test_listing_answers_lookups_and_readdir(autojump_clock: trio.abc.Clock,

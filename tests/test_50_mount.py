@@ -128,14 +128,14 @@ def test_big_directory_and_odd_names(fs: WancacheMount, export: Export) -> None:
     for n in names:
         (d / n).write_bytes(b"")
     odd = [b"with space", b"tab\there", b"newline\nname", b"\xff\xfe not utf-8", b"caf\xc3\xa9"]
-    for n in odd:
-        with open(os.path.join(os.fsencode(d), n), "wb") as f:
-            f.write(n)
+    for raw in odd:
+        with open(os.path.join(os.fsencode(d), raw), "wb") as f:
+            f.write(raw)
     listed = set(os.listdir(os.fsencode(d)))
     assert listed == {os.fsencode(n) for n in names} | set(odd)
-    for n in odd:
-        with open(os.path.join(os.fsencode(export.path / "big"), n), "rb") as f:
-            assert f.read() == n
+    for raw in odd:
+        with open(os.path.join(os.fsencode(export.path / "big"), raw), "rb") as f:
+            assert f.read() == raw
     assert names <= set(export.nfs_ls("big"))
 
 
