@@ -72,8 +72,11 @@ def main(argv: list[str] | None = None) -> int:
                     mnt.reset_rpc_calls()
                     _run(command)
                     calls = mnt.rpc_calls()
-                    print(f"  {sum(calls.values())} round trips to the server "
-                          f"({', '.join(f'{k} {v}' for k, v in sorted(calls.items()))})\n")
+                    per_proc = ", ".join(f"{k} {v}" for k, v in sorted(calls.items()))
+                    n = sum(calls.values())
+                    print(f"  {n} round trip{'' if n == 1 else 's'} to the server"
+                          + (f" ({per_proc})" if per_proc else ": answered from the cache")
+                          + "\n")
             print("unmounted.")
     except MountFailed as exc:
         print(f"demo: wancache did not mount: {str(exc).splitlines()[0]}", file=sys.stderr)
