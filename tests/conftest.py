@@ -12,6 +12,7 @@ import logging
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +137,16 @@ async def _overwrite(export: Export, path: bytes, data: bytes) -> None:
         await client.setattr(target, Sattr3(size=0), root)
         await client.write(target, 0, data, root, stable=StableHow.FILE_SYNC)
         client.close()
+
+
+def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `cond` until it holds or `timeout` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
 
 
 def run_tool(argv: list[str], **kw: object) -> subprocess.CompletedProcess[bytes]:

@@ -45,7 +45,7 @@ import pytest
 import trio
 
 from bench.wcmount import WancacheMount
-from tests.conftest import CACHE_MODES, Export, MountFactory
+from tests.conftest import CACHE_MODES, Export, MountFactory, wait_until
 from wancache.nfs_backend.client import ClientOptions, open_client
 from wancache.nfs_backend.transport import Cred
 
@@ -140,15 +140,6 @@ def xfail_if(request: pytest.FixtureRequest, cond: bool, reason: str) -> None:
     """A known bug in one mode only: expect this test to fail there."""
     if cond:
         request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def silly_names(names: list[str] | list[bytes]) -> list[str]:

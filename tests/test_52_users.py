@@ -19,15 +19,14 @@ import os
 import pwd
 import stat
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bench.wcmount import WancacheMount
-from tests.conftest import CACHE_MODES, MountFactory
+from tests.conftest import CACHE_MODES, MountFactory, wait_until
 
 ALICE, BOB = "wancache-alice", "wancache-bob"
 TEAM = "wancache-team"        # bob joins it during a test (and leaves it afterwards)
@@ -133,15 +132,6 @@ def refused(user: str, script: str, cwd: Path, message: str) -> None:
     r = run_as(user, script, cwd)
     assert r.returncode != 0, f"{user}: {script!r} succeeded: {r.stdout!r}"
     assert message in r.stderr, f"{user}: {script!r}: {r.stderr!r}"
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def owner(path: Path) -> tuple[int, int, int]:

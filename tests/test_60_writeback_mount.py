@@ -23,18 +23,11 @@ import pytest
 
 from bench.nfsserver import NfsServer
 from bench.wanem import LinkProfile, WanEmulatorThread
-from tests.conftest import Export, MountFactory
+from tests.conftest import Export, MountFactory, wait_until
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def wait_for(cond, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_untar_1000_files_then_flush(export: Export, mount_factory: MountFactory,
@@ -112,13 +105,13 @@ def test_wan_outage_during_writes(export: Export, mount_factory: MountFactory,
         # Cached files stay readable and cached directories listable, past their lease.
         assert (m.mountpoint / "docs" / "cached.txt").read_bytes() == b"read before the outage\n"
         assert len(os.listdir(m.mountpoint / "docs")) == 21
-        wait_for(lambda: not m.request("stats")["server_up"], what="disconnected status")
+        assert wait_until(lambda: not m.request("stats")["server_up"], 30), "disconnected status"
         assert m.request("stats")["writeback"]["pending"] > 0
         assert not (export.raw_path / "docs" / "new0.txt").exists()
         wan.start()
         # Flushing resumes by itself.
-        wait_for(lambda: m.request("stats")["writeback"]["pending"] == 0, timeout=60,
-                 what="the journal to drain")
+        assert wait_until(lambda: m.request("stats")["writeback"]["pending"] == 0, 60), \
+            "the journal to drain"
     for i in range(20):
         assert (export.raw_path / "docs" / f"new{i}.txt").read_bytes() == f"offline {i}\n".encode()
 
@@ -249,6 +242,6 @@ def test_mount_while_the_server_is_away(export: Export, mount_factory: MountFact
         (m.mountpoint / "d" / "new").write_bytes(b"written offline")
         nfs_wan.start()
         mnt_wan.start()
-        wait_for(lambda: m.request("stats")["writeback"]["pending"] == 0, timeout=60,
-                 what="the journal to drain")
+        assert wait_until(lambda: m.request("stats")["writeback"]["pending"] == 0, 60), \
+            "the journal to drain"
     assert (export.raw_path / "d" / "new").read_bytes() == b"written offline"

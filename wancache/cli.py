@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -510,10 +510,12 @@ def cmd_prefetch(args: argparse.Namespace, argv: list[str]) -> int:
 # -- pin, unpin, evict ------------------------------------------------------------------
 
 
-def _path_requests(cmd: str, paths: list[str], json_out: bool
-                   ) -> Iterator[tuple[str, Path, Any]]:
-    line = ProgressLine(False if json_out else None)
-    for p in paths:
+def _path_command(cmd: str, args: argparse.Namespace,
+                  describe: Callable[[str, Any], str]) -> int:
+    """Send `cmd` for each of `args.paths`; print `describe(path, result)` or JSON."""
+    line = ProgressLine(False if args.json else None)
+    results = {}
+    for p in args.paths:
         mnt, rel = _mount_of(p)
 
         def show(info: dict[str, Any], p: str = p) -> None:
@@ -530,7 +532,12 @@ def _path_requests(cmd: str, paths: list[str], json_out: bool
             raise CliError(msg) from None
         finally:
             line.clear()
-        yield p, mnt, result
+        results[p] = result
+        if not args.json:
+            print(describe(p, result))
+    if args.json:
+        _print_json(results)
+    return 0
 
 
 def cmd_pin(args: argparse.Namespace, argv: list[str]) -> int:
@@ -551,43 +558,30 @@ def cmd_pin(args: argparse.Namespace, argv: list[str]) -> int:
                           "cached") if "blocks" in pin else "(not resolvable now)"
                 print(f"{os.path.join(mnt_s, pin['path'])}  {cached}")
         return 0
-    results = {}
-    for p, _mnt, r in _path_requests("pin", args.paths, args.json):
-        results[p] = r
-        if not args.json:
-            skipped = f"; {len(r['skipped'])} files not yet on the server skipped" \
-                if r["skipped"] else ""
-            print(f"pinned {p}: {r['files']} files, {size(r['bytes'])} (fetched "
-                  f"{size(r['fetched_bytes'])} in {r['seconds']:.1f}s){skipped}")
-    if args.json:
-        _print_json(results)
-    return 0
+
+    def pinned(p: str, r: Any) -> str:
+        skipped = f"; {len(r['skipped'])} files not yet on the server skipped" \
+            if r["skipped"] else ""
+        return (f"pinned {p}: {r['files']} files, {size(r['bytes'])} (fetched "
+                f"{size(r['fetched_bytes'])} in {r['seconds']:.1f}s){skipped}")
+
+    return _path_command("pin", args, pinned)
 
 
 def cmd_unpin(args: argparse.Namespace, argv: list[str]) -> int:
     _need_root()
-    results = {}
-    for p, _mnt, r in _path_requests("unpin", args.paths, args.json):
-        results[p] = r
-        if not args.json:
-            print(f"unpinned {p}: {r['files']} files")
-    if args.json:
-        _print_json(results)
-    return 0
+    return _path_command("unpin", args, lambda p, r: f"unpinned {p}: {r['files']} files")
 
 
 def cmd_evict(args: argparse.Namespace, argv: list[str]) -> int:
     _need_root()
-    results = {}
-    for p, _mnt, r in _path_requests("evict", args.paths, args.json):
-        results[p] = r
-        if not args.json:
-            kept = f"; {len(r['pinned_kept'])} pinned files kept (unpin them first)" \
-                if r["pinned_kept"] else ""
-            print(f"evicted {p}: {r['files']} files, {r['blocks']} blocks{kept}")
-    if args.json:
-        _print_json(results)
-    return 0
+
+    def evicted(p: str, r: Any) -> str:
+        kept = f"; {len(r['pinned_kept'])} pinned files kept (unpin them first)" \
+            if r["pinned_kept"] else ""
+        return f"evicted {p}: {r['files']} files, {r['blocks']} blocks{kept}"
+
+    return _path_command("evict", args, evicted)
 
 
 # -- the parser -------------------------------------------------------------------------
