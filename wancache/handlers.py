@@ -6,6 +6,8 @@ Commands (`{"cmd": NAME, ...}`, see `wancache.control` for the protocol):
 * `status`: the summary `wancache status` shows;
 * `flush`: wait until every journaled change is on the server, with progress lines
   `{"pending": ops, "dirty_bytes": n, "total": ops at start}` every half second;
+* `flusher` with `action` `pause`/`resume`/`state`: hold the write-back flusher (tests
+  use it to let changes pile up, as a slow link would);
 * `pin`/`unpin`/`evict` with `path` (relative to the mount point; a directory means
   every regular file below it), `pins` (the pinned files and how much of each is
   cached), `cached` with `path` (one file's cache state), `refresh_pins`.
@@ -259,9 +261,9 @@ class Handlers:
     def table(self) -> dict[str, Handler]:
         plain = {"ping": self.ping, "stats": self.stats, "reset_stats": self.reset_stats,
                  "status": self.status}
-        working = {"flush": self.flush, "pin": self.pin, "unpin": self.unpin,
-                   "evict": self.evict, "cached": self.cached, "pins": self.list_pins,
-                   "refresh_pins": self.refresh_pins}
+        working = {"flush": self.flush, "flusher": self.flusher, "pin": self.pin,
+                   "unpin": self.unpin, "evict": self.evict, "cached": self.cached,
+                   "pins": self.list_pins, "refresh_pins": self.refresh_pins}
         return {**plain, **{name: _clean_errors(fn) for name, fn in working.items()}}
 
     # -- counters -------------------------------------------------------------------------
@@ -356,6 +358,20 @@ class Handlers:
                                          "server_up": self.client.up}, progress)
         return {"pending": wb.pending_ops, "flushed": wb.stats.ops_flushed - flushed_before,
                 "seconds": round(trio.current_time() - began, 3)}
+
+    async def flusher(self, req: dict[str, Any], progress: Progress) -> Any:
+        """`action`: "pause" (start no new flush jobs), "resume", or "state"."""
+        wb = self.store.wb
+        if wb is None:
+            raise ValueError(f"{self.mountpoint} does not write back (writeback=off)")
+        action = req.get("action", "state")
+        if action == "pause":
+            wb.pause()
+        elif action == "resume":
+            wb.resume()
+        elif action != "state":
+            raise ValueError(f"flusher action must be pause, resume or state, not {action!r}")
+        return {"paused": wb.paused, "pending": wb.pending_ops}
 
     # -- pins, eviction -----------------------------------------------------------------
 

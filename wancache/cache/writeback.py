@@ -299,6 +299,8 @@ class WriteBack:
         self._completed = trio.Event()
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
+        self._resumed = trio.Event()
+        self._resumed.set()
         self._lost_dir = (cfg.cache_dir or Path("/tmp")) / "lost+found"
         self._host = socket.gethostname().split(".")[0] or "client"
 
@@ -804,6 +806,18 @@ class WriteBack:
             self._scope.cancel()
             await self._stopped.wait()
 
+    def pause(self) -> None:
+        """Start no new flush jobs until `resume()` (tests: let changes pile up)."""
+        if self._resumed.is_set():
+            self._resumed = trio.Event()
+
+    def resume(self) -> None:
+        self._resumed.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resumed.is_set()
+
     def _job_limit(self, batch: list[Pending]) -> int:
         """Jobs allowed in flight: few while applications are busy here (they come
         first: this process and the CPU are shared), all when idle or when someone
@@ -825,6 +839,7 @@ class WriteBack:
         async with trio.open_nursery() as jobs:
             jobs.start_soon(self._watch_server)
             while True:
+                await self._resumed.wait()
                 self._wakeup = trio.Event()
                 batch, next_due = self._next_batch()
                 if not batch:
