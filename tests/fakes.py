@@ -43,6 +43,7 @@ class FakeNode:
     children: dict[bytes, bytes] = field(default_factory=dict)   # name -> fh
     data: bytearray = field(default_factory=bytearray)
     target: bytes = b""
+    verf: bytes = b""      # an EXCLUSIVE create's verifier
 
 
 def _now() -> NfsTime:
@@ -210,18 +211,22 @@ class FakeNfs:
                                    cookie + len(page) >= len(names))
 
     async def _dirop(self, proc: str, dir_fh: bytes, name: bytes, ftype: Ftype3,
-                     attrs: Sattr3, cred: Cred, *, exclusive: bool = False) -> nfs3.DirOpRes:
+                     attrs: Sattr3, cred: Cred, *, exclusive: bool = False,
+                     verf: bytes = b"") -> nfs3.DirOpRes:
         sent = await self._call(proc)
         d = self._node(dir_fh, proc)
         before = self._wcc(d)
         if name in d.children:
-            if exclusive or proc != "CREATE":
-                raise NfsError(S.NFS3ERR_EXIST, proc)
             node = self.nodes[d.children[name]]
+            if verf and node.verf == verf:
+                pass     # a repeated EXCLUSIVE create of the same file (RFC 1813 §3.3.8)
+            elif exclusive or verf or proc != "CREATE":
+                raise NfsError(S.NFS3ERR_EXIST, proc)
         else:
             node = self._new(ftype, attrs.mode if attrs.mode is not None else 0o644,
                              cred.uid, cred.gid)
             self.created.append(name)
+            node.verf = verf
             d.children[name] = node.fh
             self._touch(d, size=len(d.children))
         self._sink(node.fh, node.attrs, None, sent)
@@ -232,8 +237,10 @@ class FakeNfs:
                      attrs: Sattr3 | None = None,
                      mode: nfs3.CreateMode = nfs3.CreateMode.UNCHECKED,
                      verf: bytes | None = None) -> nfs3.CreateRes:
+        exclusive = mode is nfs3.CreateMode.EXCLUSIVE
         res = await self._dirop("CREATE", dir_fh, name, Ftype3.REG, attrs or Sattr3(), cred,
-                                exclusive=mode is nfs3.CreateMode.GUARDED)
+                                exclusive=mode is nfs3.CreateMode.GUARDED,
+                                verf=(verf or bytes(8)) if exclusive else b"")
         assert isinstance(res, nfs3.CreateRes)
         return res
 
@@ -347,9 +354,13 @@ class FakeNfs:
             del node.data[attrs.size:]
             node.data.extend(bytes(attrs.size - len(node.data)))
         changes: dict[str, object] = {"size": len(node.data)}
-        if attrs.mode is not None:
-            changes["mode"] = attrs.mode
+        for name in ("mode", "uid", "gid"):
+            if getattr(attrs, name) is not None:
+                changes[name] = getattr(attrs, name)
         self._touch(node, **changes)
+        for name in ("atime", "mtime"):     # client times (the server's: _touch did it)
+            if isinstance(getattr(attrs, name), NfsTime):
+                node.attrs = replace(node.attrs, **{name: getattr(attrs, name)})
         self._sink(fh, node.attrs, before, sent)
         return nfs3.SetattrRes(S.NFS3_OK, WccData(before, node.attrs))
 

@@ -14,6 +14,7 @@ from tests.fakes import FakeNfs
 from wancache.cache.node import Node
 from wancache.cache.store import DirCursor, Store
 from wancache.config import build_config
+from wancache.mount import build
 from wancache.nfs_backend.errors import NfsError
 from wancache.nfs_backend.nfs3 import NfsTime
 from wancache.nfs_backend.transport import Cred
@@ -27,7 +28,7 @@ def make_config(*options: str):
 
 
 async def open_store(fake: FakeNfs, nursery: trio.Nursery, *options: str) -> Store:
-    store = await Store.open(fake, make_config(*options), nursery)  # type: ignore[arg-type]
+    store = (await build(fake, make_config(*options), nursery)).store  # type: ignore[arg-type]
     fake.stats.reset()
     return store
 

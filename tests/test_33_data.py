@@ -13,6 +13,7 @@ from wancache.cache.blocks import BlockStore
 from wancache.cache.readahead import ReadAhead
 from wancache.cache.store import Store
 from wancache.config import build_config
+from wancache.mount import build
 from wancache.nfs_backend.transport import Cred
 
 ROOT = Cred.root()
@@ -23,7 +24,7 @@ async def open_store(fake: FakeNfs, nursery: trio.Nursery, blocks: BlockStore | 
                      *options: str) -> Store:
     cfg = build_config("fake:/x", "/mnt", ["block_size=64K", "small_file=16K",
                                            "readahead=1M", "actimeo=30", *options])
-    store = await Store.open(fake, cfg, nursery, blocks)  # type: ignore[arg-type]
+    store = (await build(fake, cfg, nursery, blocks=blocks)).store  # type: ignore[arg-type]
     fake.stats.reset()
     return store
 

@@ -12,13 +12,16 @@ import pytest
 import trio
 
 from tests.fakes import FakeNfs
+from wancache.cache.flusher import FlushStats
 from wancache.cache.journal import Journal
 from wancache.cache.store import Store
+from wancache.cache.types import AttrChange
 from wancache.cache.writeback import WriteBack
 from wancache.config import build_config
+from wancache.creds import Cred
+from wancache.mount import build
 from wancache.nfs_backend.errors import NfsError
-from wancache.nfs_backend.nfs3 import Nfsstat3, Sattr3
-from wancache.nfs_backend.transport import Cred
+from wancache.nfs_backend.nfs3 import Nfsstat3
 
 ROOT = Cred.root()
 ALICE = Cred(1001, 1001, (1001,))
@@ -34,27 +37,33 @@ async def stack(tmp_path: Path, fake: FakeNfs, *options: str,
     journal = await Journal.open(tmp_path / "journal")
     try:
         async with trio.open_nursery() as nursery:
-            store = await Store.open(fake, cfg, nursery, None)  # type: ignore[arg-type]
-            store.wb = WriteBack(store, cfg, journal)
-            await store.wb.replay()
-            await nursery.start(store.wb.run)
+            parts = await build(fake, cfg, nursery, journal=journal)  # type: ignore[arg-type]
             fake.stats.reset()
             try:
-                yield store
+                yield parts.store
             finally:
                 if not crash:
-                    await store.wb.stop()
-                    await store.wb.drain()
+                    assert parts.flusher is not None and parts.writeback is not None
+                    await parts.flusher.stop()
+                    await parts.writeback.drain()
                 nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await journal.close()
 
 
+def wb(store: Store) -> WriteBack:
+    assert isinstance(store.writes, WriteBack)
+    return store.writes
+
+
+def stats(store: Store) -> FlushStats:
+    return wb(store).flusher.stats
+
+
 async def sync(store: Store) -> None:
-    assert store.wb is not None
     with trio.fail_after(10):
-        await store.wb.sync()
+        await wb(store).sync()
 
 
 async def test_changes_are_local_at_once_and_on_the_server_after_sync(tmp_path: Path) -> None:
@@ -84,7 +93,7 @@ async def test_changes_are_local_at_once_and_on_the_server_after_sync(tmp_path: 
         assert fake.tree() == {"d": {}, "g": b"hello WORLD", "old": b"SERVER bytes",
                                "s": b"-> g"}
         # Once flushed, the server's state shows through again.
-        assert store.wb is not None and not store.wb.overlays
+        assert not store.overlay
         assert await store.read(g, 0, 100, ROOT) == b"hello WORLD"
 
 
@@ -106,8 +115,8 @@ async def test_small_file_is_one_stable_write(tmp_path: Path) -> None:
     async with stack(tmp_path, fake, "writeback_delay=60") as store:
         f, _ = await store.create(store.root, b"f", 0o644, ROOT, exclusive=True)
         await store.write(f, 0, b"x" * 4096, ROOT)
-        await store.setattr(f, Sattr3(mode=0o600), ROOT)
-        await store.setattr(f, Sattr3(uid=1001, gid=1001), ROOT)
+        await store.setattr(f, AttrChange(mode=0o600), ROOT)
+        await store.setattr(f, AttrChange(uid=1001, gid=1001), ROOT)
         await sync(store)
         calls = fake.calls()
         assert (calls["CREATE"], calls["WRITE"], calls["SETATTR"]) == (1, 1, 1)
@@ -126,7 +135,7 @@ async def test_temp_files_never_reach_the_server(tmp_path: Path) -> None:
         await sync(store)
         assert fake.tree() == {"keep": b"kept"}
         assert b"tmp.123" not in fake.created
-        assert store.wb is not None and store.wb.stats.cancelled >= 3
+        assert stats(store).cancelled >= 3
 
 
 async def test_a_directory_before_its_children_an_rmdir_after(tmp_path: Path) -> None:
@@ -186,7 +195,7 @@ async def test_replay_after_a_crash_puts_everything_there_once(tmp_path: Path) -
     assert fake.created.count(b"a") == 1 and fake.created.count(b"b") == 1
     # and a third mount has nothing left to do
     async with stack(tmp_path, fake) as store:
-        assert store.wb is not None and store.wb.pending_ops == 0
+        assert wb(store).pending_ops == 0
     assert set(fake.calls()) <= {"GETATTR", "LOOKUP"}
 
 
@@ -204,7 +213,7 @@ async def test_a_file_changed_elsewhere_is_a_conflict(tmp_path: Path,
         conflicts = [n for n in tree if n.startswith("doc.wancache-conflict-")]
         assert len(conflicts) == 1
         assert tree[conflicts[0]].startswith(b"OURS")
-        assert store.wb is not None and store.wb.stats.conflicts == 1
+        assert stats(store).conflicts == 1
 
 
 async def test_a_refused_change_is_saved_in_lost_found(tmp_path: Path,
@@ -236,7 +245,7 @@ async def test_data_is_sent_again_after_a_server_reboot(tmp_path: Path,
 
         fake.on_write.append(reboot)
         await sync(store)
-        assert store.wb is not None and store.wb.stats.resent_after_reboot == 1
+        assert stats(store).resent_after_reboot == 1
         assert fake.tree()["f"] == blob
 
 
@@ -252,12 +261,12 @@ async def test_server_down_then_back(tmp_path: Path, allow_log_warnings: None) -
         await store.write(f, 0, b"written while the server was away", ROOT)
         assert await store.read(cached, 0, 100, ROOT) == b"still readable"
         await trio.sleep(0.5)
-        assert store.wb is not None and store.wb.pending_ops == 2
-        assert store.wb.stats.server_down
+        assert wb(store).pending_ops == 2
+        assert stats(store).server_down
         fake.down = False
         await sync(store)
         assert fake.tree()["offline"] == b"written while the server was away"
-        assert not store.wb.stats.server_down
+        assert not stats(store).server_down
 
 
 async def test_writers_wait_then_get_enospc_beyond_max_dirty(tmp_path: Path,

@@ -15,10 +15,10 @@ import pytest
 import trio
 
 from tests.conftest import Export
-from wancache.cache.store import Store
 from wancache.config import build_config
 from wancache.fs import operations as ops_module
 from wancache.fs.operations import Operations
+from wancache.mount import build
 from wancache.nfs_backend.client import ClientOptions, open_client
 
 
@@ -35,7 +35,7 @@ async def ops(export: Export, nursery: trio.Nursery) -> AsyncIterator[Operations
     client = await open_client(nursery, "127.0.0.1", export.export_path,
                                ClientOptions(nfs_port=export.server.nfs_port,
                                              mount_port=export.server.mount_port))
-    store = await Store.open(client, cfg)
+    store = (await build(client, cfg)).store
     yield Operations(store, cfg)
     client.close()
 
@@ -198,7 +198,7 @@ async def test_read_only_mount(export: Export, nursery: trio.Nursery) -> None:
     client = await open_client(nursery, "127.0.0.1", export.export_path,
                                ClientOptions(nfs_port=export.server.nfs_port,
                                              mount_port=export.server.mount_port))
-    ops = Operations(await Store.open(client, cfg), cfg)
+    ops = Operations((await build(client, cfg)).store, cfg)
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.mkdir(pyfuse3.ROOT_INODE, b"d", 0o755, ROOT)
     assert info.value.errno == errno.EROFS

@@ -39,11 +39,10 @@ from wancache.cache.attrs import data_version
 from wancache.cache.blocks import BlockStore
 from wancache.cache.node import Node
 from wancache.cache.store import Store
-from wancache.config import Config
+from wancache.components import Components
 from wancache.control import Handler, Progress, mount_label
 from wancache.fs.errors import REQUESTS
 from wancache.fs.operations import Operations
-from wancache.nfs_backend.client import NfsClient
 from wancache.nfs_backend.errors import NfsError, TransportError, WancacheError
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3
 from wancache.nfs_backend.transport import Cred
@@ -180,7 +179,7 @@ class PinKeeper:
         for key, path in list(self.paths.items()):
             try:
                 node = await resolve(self.store, path)
-                attrs = await self.store.getattr(node, ROOT)
+                attrs = await self.store.server_attrs(node, ROOT)
                 if node.key != key:        # replaced by another file of that name
                     self.unpin(key)
                     self.pin(node, path)
@@ -221,10 +220,9 @@ async def regular_files(store: Store, node: Node, path: str
                         ) -> list[tuple[Node, Fattr3, str]]:
     """`node` itself if it is a regular file, else every regular file below it."""
     if not node.is_dir:
-        attrs = await store.getattr(node, ROOT)
-        if attrs.type is not Ftype3.REG:
+        if node.ftype is not Ftype3.REG:
             raise ValueError(f"{path or '/'}: not a regular file or directory")
-        return [(node, attrs, path)]
+        return [(node, await store.server_attrs(node, ROOT), path)]
     found: list[tuple[Node, Fattr3, str]] = []
     stack = [(node, path)]
     while stack:
@@ -232,30 +230,31 @@ async def regular_files(store: Store, node: Node, path: str
         for rec in await store.merged_records(directory, ROOT):
             if rec.name in (b".", b".."):
                 continue
-            child, attrs = await store.lookup(directory, rec.name, ROOT)
+            child, _ = await store.lookup(directory, rec.name, ROOT)
             cpath = f"{dpath}/{os.fsdecode(rec.name)}" if dpath else os.fsdecode(rec.name)
-            if attrs.type is Ftype3.DIR:
+            if child.is_dir:
                 stack.append((child, cpath))
-            elif attrs.type is Ftype3.REG:
-                found.append((child, attrs, cpath))
+            elif child.ftype is Ftype3.REG:
+                found.append((child, await store.server_attrs(child, ROOT), cpath))
     return found
 
 
 class Handlers:
     """The control commands of one mount."""
 
-    def __init__(self, cfg: Config, client: NfsClient, ops: Operations) -> None:
-        self.cfg = cfg
-        self.client = client
+    def __init__(self, parts: Components, ops: Operations) -> None:
+        self.cfg = parts.cfg
+        self.client = parts.client
+        self.parts = parts
         self.ops = ops
         self.store: Store = ops.store
         self.started = time.time()
-        self.mountpoint = mount_label(cfg.mountpoint)
+        self.mountpoint = mount_label(self.cfg.mountpoint)
         data = self.store.data
         self.blocks = data.blocks if data is not None else None
         self.pins: PinKeeper | None = None
         if self.blocks is not None:
-            self.pins = PinKeeper(self.store, self.blocks, cfg.cache_dir)
+            self.pins = PinKeeper(self.store, self.blocks, self.cfg.cache_dir)
             self.store.nursery.start_soon(self.pins.run)
 
     def table(self) -> dict[str, Handler]:
@@ -286,10 +285,14 @@ class Handlers:
                 "data": asdict(store.data.stats) if store.data is not None else {},
                 "blocks": {**asdict(self.blocks.stats), "pinned": len(self.blocks.pinned())}
                 if self.blocks is not None else {},
-                "writeback": {**asdict(store.wb.stats), "pending": store.wb.pending_ops,
-                              "dirty_bytes": store.wb.dirty_bytes,
-                              "oldest_seconds": store.wb.oldest_age()}
-                if store.wb is not None else {}}
+                "writeback": self._writeback_stats()}
+
+    def _writeback_stats(self) -> dict[str, Any]:
+        wb, flusher = self.parts.writeback, self.parts.flusher
+        if wb is None or flusher is None:
+            return {}
+        return {**asdict(flusher.stats), "pending": wb.pending_ops,
+                "dirty_bytes": wb.dirty_bytes, "oldest_seconds": flusher.oldest_age()}
 
     async def reset_stats(self, req: dict[str, Any], progress: Progress) -> Any:
         self.client.stats.reset()
@@ -306,7 +309,7 @@ class Handlers:
         rpc = self.client.stats
         data = store.data.stats if store.data is not None else None
         blocks = self.blocks.stats if self.blocks is not None else None
-        wb = store.wb
+        wb, flusher = self.parts.writeback, self.parts.flusher
         return {
             "mountpoint": self.mountpoint,
             "server": cfg.spec,
@@ -330,10 +333,10 @@ class Handlers:
             "writeback": {"enabled": wb is not None,
                           "dirty_bytes": wb.dirty_bytes if wb else 0,
                           "pending_ops": wb.pending_ops if wb else 0,
-                          "oldest_seconds": round(wb.oldest_age(), 1) if wb else 0.0,
-                          "flushed_ops": wb.stats.ops_flushed if wb else 0,
-                          "conflicts": wb.stats.conflicts if wb else 0,
-                          "lost": wb.stats.lost if wb else 0},
+                          "oldest_seconds": round(flusher.oldest_age(), 1) if flusher else 0.0,
+                          "flushed_ops": flusher.stats.ops_flushed if flusher else 0,
+                          "conflicts": flusher.stats.conflicts if flusher else 0,
+                          "lost": flusher.stats.lost if flusher else 0},
             "hit_ratio": {
                 "attr": _ratio(attrs.hits, attrs.misses),
                 "dir": _ratio(dir_stats.hits, dir_stats.misses) if dir_stats else None,
@@ -348,20 +351,20 @@ class Handlers:
     # -- flush ----------------------------------------------------------------------------
 
     async def flush(self, req: dict[str, Any], progress: Progress) -> Any:
-        wb = self.store.wb
+        wb, flusher = self.parts.writeback, self.parts.flusher
         began = trio.current_time()
-        if wb is None:
+        if wb is None or flusher is None:
             return {"pending": 0, "flushed": 0, "seconds": 0.0}
-        total, flushed_before = wb.pending_ops, wb.stats.ops_flushed
+        total, flushed_before = wb.pending_ops, flusher.stats.ops_flushed
         await _ticking(wb.sync, lambda: {"pending": wb.pending_ops,
                                          "dirty_bytes": wb.dirty_bytes, "total": total,
                                          "server_up": self.client.up}, progress)
-        return {"pending": wb.pending_ops, "flushed": wb.stats.ops_flushed - flushed_before,
+        return {"pending": wb.pending_ops, "flushed": flusher.stats.ops_flushed - flushed_before,
                 "seconds": round(trio.current_time() - began, 3)}
 
     async def flusher(self, req: dict[str, Any], progress: Progress) -> Any:
         """`action`: "pause" (start no new flush jobs), "resume", or "state"."""
-        wb = self.store.wb
+        wb = self.parts.flusher
         if wb is None:
             raise ValueError(f"{self.mountpoint} does not write back (writeback=off)")
         action = req.get("action", "state")
@@ -371,7 +374,7 @@ class Handlers:
             wb.resume()
         elif action != "state":
             raise ValueError(f"flusher action must be pause, resume or state, not {action!r}")
-        return {"paused": wb.paused, "pending": wb.pending_ops}
+        return {"paused": wb.paused, "pending": wb.pending_count}
 
     # -- pins, eviction -----------------------------------------------------------------
 
@@ -439,7 +442,7 @@ class Handlers:
         blocks, pins = self._need_blocks()
         path = _relpath(req)
         node = await resolve(self.store, path)
-        attrs = await self.store.getattr(node, ROOT)
+        attrs = await self.store.server_attrs(node, ROOT)
         have, total = pins.cached(node, attrs)
         return {"path": path, "size": attrs.size, "blocks": total, "cached_blocks": have,
                 "pinned": node.key in blocks.pinned()}
@@ -514,6 +517,6 @@ def _clean_errors(fn: Callable[[dict[str, Any], Progress], Awaitable[Any]]) -> H
     return handler
 
 
-def control_handlers(cfg: Config, client: NfsClient, ops: Operations) -> dict[str, Handler]:
+def control_handlers(parts: Components, ops: Operations) -> dict[str, Handler]:
     """What the control socket of the mount answers."""
-    return Handlers(cfg, client, ops).table()
+    return Handlers(parts, ops).table()

@@ -26,14 +26,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from wancache.config import Config
 from wancache.control import mount_label
 from wancache.fs.errors import REQUESTS
-from wancache.nfs_backend.client import NfsClient
 from wancache.nfs_backend.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
     from wancache.cache.store import Store
+    from wancache.components import Components
     from wancache.fs.operations import Operations
 
 log = logging.getLogger(__name__)
@@ -57,11 +56,12 @@ def split_address(addr: str) -> tuple[str, int]:
 class MountCollector(Collector):
     """Every metric of one mount, read from the live objects at scrape time."""
 
-    def __init__(self, cfg: Config, client: NfsClient, ops: Operations) -> None:
-        self.cfg = cfg
-        self.client = client
+    def __init__(self, parts: Components, ops: Operations) -> None:
+        self.cfg = parts.cfg
+        self.client = parts.client
+        self.parts = parts
         self.ops = ops
-        self.mount = mount_label(cfg.mountpoint)
+        self.mount = mount_label(parts.cfg.mountpoint)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(name, doc, labels=["mount"])
@@ -190,7 +190,7 @@ class MountCollector(Collector):
                             d.ahead_fetched)
 
     def _writeback(self, store: Store) -> Iterator[Metric]:
-        wb = store.wb
+        wb, flusher = self.parts.writeback, self.parts.flusher
         yield self._gauge("wancache_dirty_bytes",
                           "Written bytes journaled here, not yet on the server.",
                           wb.dirty_bytes if wb is not None else 0)
@@ -199,8 +199,8 @@ class MountCollector(Collector):
                           wb.pending_ops if wb is not None else 0)
         yield self._gauge("wancache_writeback_oldest_seconds",
                           "Age of the oldest change not yet on the server.",
-                          wb.oldest_age() if wb is not None else 0.0)
-        s = wb.stats if wb is not None else None
+                          flusher.oldest_age() if flusher is not None else 0.0)
+        s = flusher.stats if flusher is not None else None
         yield self._counter("wancache_writeback_ops", "Changes flushed to the server.",
                             s.ops_flushed if s else 0)
         yield self._counter("wancache_writeback_bytes", "Bytes flushed to the server.",
@@ -215,17 +215,18 @@ class MountCollector(Collector):
                             s.lost if s else 0)
 
 
-def registry_for(cfg: Config, client: NfsClient, ops: Operations) -> CollectorRegistry:
+def registry_for(parts: Components, ops: Operations) -> CollectorRegistry:
     """A registry holding only this mount's collector."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MountCollector(cfg, client, ops))
+    registry.register(MountCollector(parts, ops))
     return registry
 
 
-async def serve(cfg: Config, client: NfsClient, ops: Operations, *,
+async def serve(parts: Components, ops: Operations, *,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve /metrics on cfg.metrics until cancelled (start in the mount's nursery)."""
     global _listening
+    cfg = parts.cfg
     if not cfg.metrics:
         task_status.started()
         return
@@ -237,7 +238,7 @@ async def serve(cfg: Config, client: NfsClient, ops: Operations, *,
                     cfg.metrics, exc.strerror or exc)
         task_status.started()
         return
-    registry = registry_for(cfg, client, ops)
+    registry = registry_for(parts, ops)
     _listening = cfg.metrics
     task_status.started()
 

@@ -20,18 +20,29 @@ import pyfuse3
 import trio
 
 from wancache import metrics
+from wancache.cache.attrs import AttrCache
 from wancache.cache.blocks import BlockStore, BlockStoreError
+from wancache.cache.data import DataCache
+from wancache.cache.dirs import DirCache
+from wancache.cache.flusher import Flusher
 from wancache.cache.journal import Journal, JournalError
+from wancache.cache.node import Node
+from wancache.cache.nodes import NodeTable
+from wancache.cache.ownchanges import OwnChanges
 from wancache.cache.persist import SavedState, load_state, save_state
-from wancache.cache.store import Store
+from wancache.cache.store import Store, WritePolicy
 from wancache.cache.writeback import WriteBack
+from wancache.cache.writethrough import WriteThrough
+from wancache.components import Components
 from wancache.config import Config, ConfigError
 from wancache.control import ControlServer, socket_path
+from wancache.creds import Cred
 from wancache.fs.notify import KernelNotifier
 from wancache.fs.operations import Operations
 from wancache.handlers import control_handlers
 from wancache.nfs_backend.client import ClientOptions, NfsClient, offline_client, open_client
-from wancache.nfs_backend.errors import RpcTimeoutError, ServerUnreachableError
+from wancache.nfs_backend.errors import RpcTimeoutError, ServerUnreachableError, TransportError
+from wancache.nfs_backend.nfs3 import Fattr3
 from wancache.nfs_backend.stats import RpcStats
 from wancache.nfs_backend.transport import TransportOptions
 
@@ -126,6 +137,56 @@ async def flush_before_exit(wb: WriteBack, cfg: Config) -> None:
                 cfg.cache_dir)
 
 
+async def _root_attrs(client: NfsClient, saved: SavedState | None) -> Fattr3:
+    """The export root's attributes (the saved ones if the server is away)."""
+    try:
+        return await client.getattr(client.root_fh, Cred.root())
+    except TransportError:
+        if saved is None or client.root_fh not in saved.attrs:
+            raise
+        return saved.attrs[client.root_fh]
+
+
+async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = None, *,
+                blocks: BlockStore | None = None, saved: SavedState | None = None,
+                journal: Journal | None = None) -> Components:
+    """Wire a mount's caches and write policy over `client` (write-back if given a
+    `journal`: it is replayed and its workers started in `nursery`)."""
+    root_attrs = await _root_attrs(client, saved)
+    nodes = NodeTable(client, Node.from_attrs(client.root_fh, root_attrs), cfg.attr_entries)
+    attrs = AttrCache(cfg, enabled=cfg.cache)
+    client.attr_sinks.append(attrs.update)
+    attrs.update(client.root_fh, root_attrs, None, trio.current_time())
+    data = None
+    if cfg.cache and nursery is not None:
+        data = DataCache(client, cfg, blocks, nursery)
+        attrs.listeners.append(data.attrs_changed)
+    own = OwnChanges(cfg, nodes, attrs, DirCache(cfg), data)
+    flusher = wb = None
+    writes: WritePolicy
+    if journal is not None:
+        flusher = Flusher(client, cfg, nodes)
+        writes = wb = WriteBack(cfg, nodes, attrs, journal, flusher)
+    else:
+        writes = WriteThrough(client, cfg, nodes, own)
+    store = Store(client, cfg, nodes, attrs, own.dirs, data, own, writes, nursery,
+                  journaled=wb is not None)
+    if saved is not None:
+        store.restore(saved)
+    await store.probe_name_max()
+    if wb is not None and flusher is not None:
+        assert nursery is not None, "write-back needs a nursery for its workers"
+        flusher.hooks = wb.hooks(dir_changed=own.dir_changed, own_dir=own.own_dir,
+                                 file_changed=own.file_changed)
+        wb.read_server = store.read_server
+        wb.settled = lambda node, local: own.times.keep(node.fh, local)
+        wb.shown = lambda node, server: own.times.show(node.fh, server)
+        await wb.replay()
+        await nursery.start(wb.run)
+        await nursery.start(flusher.run)
+    return Components(cfg, client, store, blocks, journal, wb, flusher)
+
+
 async def _save(store: Store, cache_dir: Path) -> None:
     """Save the metadata caches (a failure only costs a slower next start)."""
     state = store.saved_state()
@@ -218,12 +279,9 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
     """Mount FUSE and serve until unmounted; every worker runs in `workers`, which is
     cancelled (and done) before the caller closes the block store and the client."""
     async with trio.open_nursery() as workers:
-        store = await Store.open(client, cfg, workers, blocks, saved)
         journal = await open_journal(cfg)
-        if journal is not None:
-            store.wb = WriteBack(store, cfg, journal)
-            await store.wb.replay()
-            await workers.start(store.wb.run)
+        parts = await build(client, cfg, workers, blocks=blocks, saved=saved, journal=journal)
+        store = parts.store
         ops = Operations(store, cfg)
         try:
             pyfuse3.init(ops, str(cfg.mountpoint), fuse_options(cfg))
@@ -235,9 +293,8 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
             if cfg.cache_dir is not None and cfg.cache:
                 workers.start_soon(_save_periodically, store, cfg.cache_dir)
             await workers.start(KernelNotifier(store, ops.inodes).run)
-            await workers.start(ControlServer(control_path,
-                                              control_handlers(cfg, client, ops)).run)
-            await workers.start(metrics.serve, cfg, client, ops)
+            await workers.start(ControlServer(control_path, control_handlers(parts, ops)).run)
+            await workers.start(metrics.serve, parts, ops)
             if ready is not None:
                 ready()
             await pyfuse3.main(min_tasks=4, max_tasks=MAX_FUSE_TASKS)
@@ -245,10 +302,10 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
             with trio.CancelScope(shield=True):
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", cfg.mountpoint)
-                if store.wb is not None:
-                    await flush_before_exit(store.wb, cfg)
-                    await store.wb.stop()
-                    await store.wb.drain()
+                if parts.writeback is not None and parts.flusher is not None:
+                    await flush_before_exit(parts.writeback, cfg)
+                    await parts.flusher.stop()
+                    await parts.writeback.drain()
                 if journal is not None:
                     await journal.close()
                 if cfg.cache_dir is not None and cfg.cache:

@@ -84,6 +84,8 @@ class AttrCache:
         self._entries: LRUCache[bytes, AttrEntry] = LRUCache(maxsize=cfg.attr_entries)
         self.listeners: list[ChangeListener] = []
         self.stats = AttrStats()
+        # handle -> when our own last change to it was known done on the server
+        self._barriers: LRUCache[bytes, float] = LRUCache(maxsize=cfg.attr_entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -126,6 +128,8 @@ class AttrCache:
         reply to a call sent at `when` (the client's AttrSink signature)."""
         if not self.enabled:
             return
+        if when < self._barriers.get(fh, -math.inf):
+            return   # sent before our own change was done: it may not show it
         old = self._entries.get(fh)
         if old is not None and old.fetched > when:
             return   # a newer reply already arrived
@@ -144,6 +148,21 @@ class AttrCache:
             ours = before is not None and _pre_version(before) == version(old.attrs)
             for listener in self.listeners:
                 listener(fh, old.attrs, attrs, ours)
+
+    def barrier(self, fh: bytes, done: float, after: Fattr3 | None = None,
+                sent: float | None = None) -> None:
+        """Our own change to `fh` was done on the server at `done`: attributes from
+        calls sent before then may not show it, so they are dropped, and replies to
+        such calls still on their way are ignored.  `after`: the attributes the
+        change's last call (sent at `sent`) returned, which do show it."""
+        self._barriers[fh] = done
+        old = self._entries.pop(fh, None)
+        if after is not None and self.enabled:
+            lo, _ = self._bounds(after)
+            self._entries[fh] = AttrEntry(after, done if sent is None else sent, lo)
+            if old is not None and version(old.attrs) != version(after):
+                for listener in self.listeners:
+                    listener(fh, old.attrs, after, True)
 
     def load(self, fh: bytes, attrs: Fattr3) -> None:
         """An entry saved before a restart: known, but expired (revalidate first)."""

@@ -79,6 +79,10 @@ class DataCache:
             return
         self.forget(f"{new.fsid:x}-{new.fileid:x}", keep=data_version(new))
 
+    def changed(self, key: str) -> None:
+        """We changed file `key` on the server: every block cached of it may be old."""
+        self.forget(key)
+
     def forget(self, key: str, keep: str | None = None) -> None:
         """Drop every cached block of file `key` (except those of version `keep`)."""
         for k in [k for k in self._recent if k[0] == key and k[1] != keep]:

@@ -616,6 +616,22 @@ class Journal:
         """
         return [(seq, rec) for seq, (rec, _seg) in self._records.items()]
 
+    def pending_items(self) -> list[tuple[int, int]]:
+        """(seq, length) of every pending record, in order."""
+        return [(seq, len(rec)) for seq, (rec, _seg) in self._records.items()]
+
+    def read_sync(self, seq: int, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of pending record `seq`."""
+        found = self._records.get(seq)
+        if found is None:
+            raise JournalError(f"journal record {seq} is not pending")
+        return bytes(found[0][offset:offset + length])
+
+    async def read(self, seq: int, offset: int, length: int) -> bytes:
+        """`length` bytes at `offset` of pending record `seq`."""
+        await trio.lowlevel.checkpoint()
+        return self.read_sync(seq, offset, length)
+
     async def append(self, record: bytes) -> int:
         """Append `record`; return its seq once it is durable."""
         return (await self.append_many([record]))[0]

@@ -1,12 +1,21 @@
 """Local changes not yet on the server: what users see before the flusher is done.
 
-The write-back layer records every change twice: durably, as a journal record, and
-here, as an overlay over the server's state, so reads see local writes at once
-(read-your-writes) and so lookups and listings show local creates, removes and
-renames.  Every piece of overlay state carries the sequence number of the record
-that produced it; when the flusher has put all of a node's records on the server,
-the node's overlay is dropped and the server's (freshly revalidated) state shows
-through again.
+Every change is recorded twice: durably, as a journal record, and here, as an
+overlay over the server's state, so reads see local writes at once and lookups
+and listings show local creates, removes and renames.  The overlay holds no file
+data: an `Extent` says which journal record holds the bytes, and the reader
+fetches them from there (the journal is on local disk, like S3QL's dirty blocks).
+
+A file's data changes are kept as the ordered list of its pending writes and
+truncates, folded over the server's bytes: the server's size under them
+(`base_size`), the smallest size they cut the file to (`base_limit`: server bytes
+count below it, zeros above), the extents that survive, the size that results.
+When the flusher has put a prefix of those changes on the server, they leave the
+list and the rest is folded again over the server's new size.  While a batch is in
+flight the server may hold any part of it: reading server bytes only below
+`base_limit` and outside every extent is still right, because no pending change
+touches those bytes (a write there left an extent; a truncate there lowered
+`base_limit`).
 
 Pure data structures: no I/O, no awaits.
 """
@@ -14,126 +23,231 @@ Pure data structures: no I/O, no awaits.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from wancache.nfs_backend.nfs3 import Fattr3
 
 from .node import Node
 
 WHITEOUT = None   # a name removed locally
+SERVER = -1       # Piece.source: the server's bytes
+ZERO = -2         # Piece.source: zeros
+
+
+class Piece(NamedTuple):
+    """`length` bytes of a file at `start`, from journal record `source` (at `skip` in
+    its payload), or from the SERVER, or ZERO."""
+
+    start: int
+    length: int
+    source: int
+    skip: int = 0
 
 
 @dataclass(slots=True)
 class Extent:
-    """Bytes written locally at `start` (by the record `seq`)."""
+    """Bytes written locally at `start`, held at `skip` in journal record `seq`."""
 
     start: int
-    data: memoryview
+    length: int
     seq: int
+    skip: int
 
     @property
     def end(self) -> int:
-        return self.start + len(self.data)
+        return self.start + self.length
+
+    def cut(self, lo: int, hi: int) -> Extent:
+        """The part of this extent within [lo, hi)."""
+        lo, hi = max(lo, self.start), min(hi, self.end)
+        return Extent(lo, hi - lo, self.seq, self.skip + lo - self.start)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class FileOp:
+    """One pending data change: a write of `length` bytes at `offset` (held at
+    `skip` in record `seq`), or a truncate to `offset` (length -1)."""
+
+    seq: int
+    offset: int
+    length: int = -1
+    skip: int = 0
+
+    @property
+    def is_truncate(self) -> bool:
+        return self.length < 0
+
+
 class FileOverlay:
-    """A file's local data and attributes.
+    """Data changes folded over the server's bytes (see the module docstring)."""
 
-    The file reads as: the server's bytes up to `base_limit` (the smallest size it
-    was truncated to locally), zeros beyond, then `extents` applied in order, all
-    cut at `size`.
-    """
+    def __init__(self, base_size: int) -> None:
+        self.base_size = base_size
+        self.size = base_size
+        self.base_limit = base_size
+        self._extents: list[Extent] = []   # sorted by start, disjoint
+        self._starts: list[int] = []
 
-    size: int
-    base_limit: int
-    extents: list[Extent] = field(default_factory=list)   # sorted by start, no overlaps
-    dirty_bytes: int = 0
+    @classmethod
+    def fold(cls, base_size: int, ops: Iterable[FileOp]) -> FileOverlay:
+        f = cls(base_size)
+        for op in ops:
+            f.apply(op)
+        return f
 
-    def write(self, offset: int, data: memoryview, seq: int) -> None:
-        """Record a write; later writes win where they overlap earlier ones."""
-        if not data:
+    @property
+    def extents(self) -> list[Extent]:
+        return list(self._extents)
+
+    def apply(self, op: FileOp) -> None:
+        if op.is_truncate:
+            self.truncate(op.offset)
+        else:
+            self.write(op.offset, op.length, op.seq, op.skip)
+
+    def write(self, offset: int, length: int, seq: int, skip: int) -> None:
+        """Later writes win where they overlap earlier ones."""
+        if length <= 0:
             return
-        end = offset + len(data)
-        kept: list[Extent] = []
-        for e in self._overlapping(offset, end):
-            if e.start < offset:
-                kept.append(Extent(e.start, e.data[:offset - e.start], e.seq))
-            if e.end > end:
-                kept.append(Extent(end, e.data[end - e.start:], e.seq))
-        self._remove_range(offset, end)
-        for e in [*kept, Extent(offset, data, seq)]:
-            bisect.insort(self.extents, e, key=lambda x: x.start)
-        self.dirty_bytes += len(data)
+        end = offset + length
+        lo = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        hi = bisect.bisect_left(self._starts, end)
+        old = self._extents[lo:hi]
+        kept = [e.cut(e.start, offset) for e in old if e.start < offset]
+        kept.append(Extent(offset, length, seq, skip))
+        kept += [e.cut(end, e.end) for e in old if e.end > end]
+        self._extents[lo:hi] = kept
+        self._starts[lo:hi] = [e.start for e in kept]
         self.size = max(self.size, end)
 
     def truncate(self, size: int) -> None:
-        """Local truncate (or extend) to `size`."""
+        """Cut (or extend with zeros) to `size`."""
         if size < self.size:
-            cut: list[Extent] = []
-            for e in self.extents:
-                if e.end <= size:
-                    cut.append(e)
-                elif e.start < size:
-                    cut.append(Extent(e.start, e.data[:size - e.start], e.seq))
-            self.extents = cut
+            i = bisect.bisect_left(self._starts, size)
+            del self._extents[i:], self._starts[i:]
+            if self._extents and self._extents[-1].end > size:
+                last = self._extents[-1]
+                self._extents[-1] = last.cut(last.start, size)
             self.base_limit = min(self.base_limit, size)
         self.size = size
 
-    def _overlapping(self, start: int, end: int) -> list[Extent]:
-        return [e for e in self.extents if e.start < end and e.end > start]
+    def pieces(self, offset: int, length: int) -> list[Piece]:
+        """Where each byte of [offset, offset+length) comes from (cut at the size)."""
+        end = min(offset + length, self.size)
+        out: list[Piece] = []
+        pos = offset
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        for e in self._extents[i:]:
+            if pos >= end or e.start >= end:
+                break
+            if e.end <= pos:
+                continue
+            if e.start > pos:
+                out.extend(self._gap(pos, e.start))
+                pos = e.start
+            part = e.cut(pos, end)
+            out.append(Piece(part.start, part.length, part.seq, part.skip))
+            pos = part.end
+        if pos < end:
+            out.extend(self._gap(pos, end))
+        return out
 
-    def _remove_range(self, start: int, end: int) -> None:
-        self.extents = [e for e in self.extents if not (e.start < end and e.end > start)]
+    def _gap(self, lo: int, hi: int) -> Iterator[Piece]:
+        """Bytes no pending write covers: the server's below base_limit, else zeros."""
+        mid = min(max(lo, self.base_limit), hi)
+        if mid > lo:
+            yield Piece(lo, mid - lo, SERVER)
+        if hi > mid:
+            yield Piece(mid, hi - mid, ZERO)
 
-    def apply(self, offset: int, length: int, base: bytes) -> bytes:
-        """`length` bytes of the file's local contents at `offset` (fewer at its end),
-        given the server's bytes `base` there (possibly short)."""
-        want = max(0, min(length, self.size - offset))
-        buf = bytearray(base[:max(0, min(len(base), self.base_limit - offset))])
-        if len(buf) > want:
-            del buf[want:]
-        elif len(buf) < want:
-            buf.extend(bytes(want - len(buf)))
-        end = offset + want
-        for e in self._overlapping(offset, end):
-            lo, hi = max(e.start, offset), min(e.end, end)
-            buf[lo - offset:hi - offset] = e.data[lo - e.start:hi - e.start]
-        return bytes(buf)
-
-    def base_span(self, offset: int, length: int) -> tuple[int, int]:
-        """The part of a read of `length` bytes at `offset` that needs server bytes."""
-        end = min(offset + length, self.size, self.base_limit)
-        return offset, max(offset, end)
-
-    def ranges(self, max_len: int) -> list[tuple[int, bytes]]:
-        """The dirty extents, merged where adjacent, in pieces of at most `max_len`
-        bytes (each piece one copy of the data)."""
-        runs: list[tuple[int, list[memoryview], int]] = []
-        for e in self.extents:
-            for i in range(0, len(e.data), max_len):
-                part = e.data[i:i + max_len]
-                start = e.start + i
-                if runs and runs[-1][0] + runs[-1][2] == start and \
-                        runs[-1][2] + len(part) <= max_len:
-                    runs[-1][1].append(part)
-                    runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + len(part))
+    def runs(self, max_len: int) -> list[list[Extent]]:
+        """The extents merged where adjacent, in runs of at most `max_len` bytes
+        (each run one WRITE)."""
+        runs: list[list[Extent]] = []
+        size = 0
+        for e in self._extents:
+            for lo in range(e.start, e.end, max_len):
+                part = e.cut(lo, min(e.end, lo + max_len))
+                if runs and runs[-1][-1].end == part.start and size + part.length <= max_len:
+                    runs[-1].append(part)
+                    size += part.length
                 else:
-                    runs.append((start, [part], len(part)))
-        return [(start, b"".join(parts)) for start, parts, _ in runs]
+                    runs.append([part])
+                    size = part.length
+        return runs
 
 
-@dataclass
+@dataclass(eq=False)
 class NodeOverlay:
     """Everything pending for one node."""
 
     node: Node
-    local: bool                       # created here, not on the server yet
     attrs: Fattr3                     # the node's attributes as users see them now
-    file: FileOverlay | None = None   # local data, once written or truncated
+    local: bool                       # created here, not on the server yet
+    file_ops: list[FileOp] = field(default_factory=list)   # pending data changes, in order
+    file: FileOverlay | None = None   # their fold (None: no data change pending)
     entries: dict[bytes, Node | None] = field(default_factory=dict)   # dirs: names
     entry_seq: dict[bytes, int] = field(default_factory=dict)
     base_version: str | None = None   # content version our changes apply to (conflicts)
-    base_blocks: str | None = None    # block cache version of the data they apply to
     target: bytes = b""               # symlinks created here
     seqs: set[int] = field(default_factory=set)   # records of this node not yet done
+
+    def add_file_op(self, op: FileOp, base_size: int) -> FileOverlay:
+        if self.file is None:
+            self.file = FileOverlay(base_size)
+        self.file_ops.append(op)
+        self.file.apply(op)
+        return self.file
+
+    def file_ops_done(self, seqs: set[int], server_size: int) -> None:
+        """A prefix of the data changes reached the server, which now has
+        `server_size` bytes: fold the rest over it."""
+        self.file_ops = [op for op in self.file_ops if op.seq not in seqs]
+        self.file = FileOverlay.fold(server_size, self.file_ops) if self.file_ops else None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending: the server's state shows through again."""
+        return not self.seqs and not self.entries
+
+
+class Overlay:
+    """The overlays of one mount: node -> NodeOverlay."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[Node, NodeOverlay] = {}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __bool__(self) -> bool:
+        return bool(self._nodes)
+
+    def get(self, node: Node) -> NodeOverlay | None:
+        return self._nodes.get(node)
+
+    def add(self, node: Node, attrs: Fattr3, *, local: bool = False) -> NodeOverlay:
+        ov = self._nodes.get(node)
+        if ov is None:
+            ov = self._nodes[node] = NodeOverlay(node, attrs, local)
+        return ov
+
+    def drop(self, node: Node) -> None:
+        self._nodes.pop(node, None)
+
+    def entry(self, parent: Node, name: bytes) -> tuple[bool, Node | None]:
+        """(known, node): whether the overlay decides `name` in `parent`, and what it
+        is (None: removed here)."""
+        ov = self._nodes.get(parent)
+        if ov is None or name not in ov.entries:
+            return False, None
+        return True, ov.entries[name]
+
+    def is_local_dir(self, node: Node) -> bool:
+        ov = self._nodes.get(node)
+        return ov is not None and ov.local
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes)

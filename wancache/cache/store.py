@@ -8,8 +8,11 @@ GETATTR of the directory when its lease ran out), missing names from the negativ
 cache, and listings are read whole with READDIRPLUS, which also refreshes every
 child's attributes, so `ls -l` never costs one GETATTR per file.
 
-It owns the one-Node-per-handle registry and re-resolves handles the server
-declares stale by their last known path.
+Changes go through the write policy the store was built with (write-back:
+journaled here and flushed later; write-through: sent now).  Before handing a
+change on, the store makes the checks a local file system makes at the system
+call, so what it acknowledges is what the server will take.  Local changes not yet
+on the server (the policy's overlay) are shown over the server's state.
 """
 
 from __future__ import annotations
@@ -19,44 +22,42 @@ import errno
 import functools
 import logging
 import os
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol
 
 import trio
 from cachetools import LRUCache
 
 from wancache.config import Config
+from wancache.creds import Cred
 from wancache.nfs_backend import nfs3
 from wancache.nfs_backend.client import NfsClient
 from wancache.nfs_backend.errors import NfsError, TransportError
-from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, Sattr3, StableHow, WccData
-from wancache.nfs_backend.transport import Cred
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3
 
+from . import checks
 from .attrs import AttrCache, data_version, version
-from .blocks import BlockStore
 from .data import DataCache, VersionChanged
 from .dirs import DirCache, DirRecord, Listing
 from .flight import SingleFlight
 from .node import LOCAL_PREFIX, Node
+from .nodes import NodeTable
+from .overlay import Overlay
+from .ownchanges import OwnChanges
 from .persist import SavedState
 from .readahead import ReadAhead
-
-if TYPE_CHECKING:
-    from .writeback import WriteBack
+from .types import AttrChange, Attrs, FsStats, ftype_of_mode
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-COMMIT_EVERY = 8 << 20   # uncommitted bytes after which a COMMIT is sent anyway
 READDIR_PAGE = 512       # entries handed to the FUSE layer per readdir step
 # Attributes with local changes are not cached by the kernel: it asks us (no RPC).
-# (With a timeout, this kernel kept a directory's old mode after our setattr reply.)
 LOCAL_ATTR_TTL = 0.0
 READ_LISTING_ATTEMPTS = 10
-DIR_GENERATIONS = 100_000   # directories whose count of our changes we keep
+SIBLING_ENTRIES = 100_000   # directories whose small files were read ahead lately
 NOENT = Nfsstat3.NFS3ERR_NOENT
+ReadServer = Callable[[Node, int, int], Awaitable[bytes]]
 
 
 class StoreError(OSError):
@@ -64,6 +65,41 @@ class StoreError(OSError):
 
     def __init__(self, err: int, message: str) -> None:
         super().__init__(err, message)
+
+
+class WritePolicy(Protocol):
+    """Where changes go: journaled here (write-back) or to the server now."""
+
+    overlay: Overlay
+    dirty_bytes: int
+
+    @property
+    def pending_ops(self) -> int: ...
+
+    def take_failure(self, node: Node) -> str | None: ...
+
+    async def create(self, parent: Node, name: bytes, ftype: Ftype3, mode: int, cred: Cred,
+                     *, target: bytes = b"", rdev: tuple[int, int] = (0, 0)
+                     ) -> tuple[Node, Fattr3]: ...
+
+    async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Fattr3: ...
+
+    async def remove(self, parent: Node, name: bytes, node: Node, cred: Cred, *,
+                     is_dir: bool) -> None: ...
+
+    async def rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
+                     node: Node, replaced: Node | None, cred: Cred) -> None: ...
+
+    async def write(self, node: Node, offset: int, data: bytes, cred: Cred) -> int: ...
+
+    async def setattr(self, node: Node, fields: dict[str, int], cred: Cred) -> Fattr3: ...
+
+    async def sync(self, node: Node | None) -> None: ...
+
+    async def read(self, node: Node, offset: int, size: int,
+                   read_server: ReadServer) -> bytes: ...
+
+    def release(self, node: Node) -> None: ...
 
 
 @dataclass(slots=True)
@@ -78,7 +114,7 @@ class DirEntry:
     fileid: int
     offset: int
     node: Node | None
-    attrs: Fattr3 | None
+    attrs: Attrs | None
 
 
 @dataclass
@@ -96,78 +132,35 @@ class DirCursor:
     cookies: list[int] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Unstable:
-    offset: int
-    data: bytes
-    verf: bytes
-
-
-@dataclass
-class _FileState:
-    """Per-node write state: UNSTABLE writes not yet covered by a COMMIT."""
-
-    unstable: list[_Unstable] = field(default_factory=list)
-    unstable_bytes: int = 0
-
-
 class Store:
     """Every operation the FUSE layer needs, on Nodes, for one mount."""
 
-    def __init__(self, client: NfsClient, cfg: Config, root_attrs: Fattr3,
-                 nursery: trio.Nursery | None = None,
-                 blocks: BlockStore | None = None) -> None:
+    def __init__(self, client: NfsClient, cfg: Config, nodes: NodeTable, attrs: AttrCache,
+                 dirs: DirCache, data: DataCache | None, own: OwnChanges, writes: WritePolicy,
+                 nursery: trio.Nursery | None = None, *, journaled: bool = False) -> None:
         self.client = client
         self.cfg = cfg
         self.info = client.info
         self.caching = cfg.cache
-        self.root = Node.from_attrs(client.root_fh, root_attrs)
-        self._nodes: weakref.WeakValueDictionary[bytes, Node] = weakref.WeakValueDictionary()
-        self._nodes[self.root.fh] = self.root
-        self._files: dict[Node, _FileState] = {}
-        self._silly_counter = 0
-        self.attrs = AttrCache(cfg, enabled=cfg.cache)
-        self.dirs = DirCache(cfg)
-        self._listings: SingleFlight[bytes, Listing] = SingleFlight()
+        self.nodes = nodes
+        self.root = nodes.root
+        self.attrs = attrs
+        self.dirs = dirs
+        self.data = data
+        self.own = own
+        self.writes = writes
+        self.overlay = writes.overlay
+        # Write-back acknowledges before the server sees a change: the store checks
+        # what the server would check (names, existence) first.
+        self.journaled = journaled
         self._nursery = nursery
+        self._listings: SingleFlight[bytes, Listing] = SingleFlight()
         self._prefetch_slots = trio.Semaphore(max(1, cfg.prefetch_concurrency))
-        # Names that disappeared from a re-read listing: (directory node, name).
-        self.entry_listeners: list[Callable[[Node, bytes], None]] = []
-        client.attr_sinks.append(self.attrs.update)
-        self.attrs.update(self.root.fh, root_attrs, None, trio.current_time())
-        self.data: DataCache | None = None
-        if self.caching and nursery is not None:
-            self.data = DataCache(client, cfg, blocks, nursery)
-            self.attrs.listeners.append(self.data.attrs_changed)
-        self._open_versions: dict[str, str] = {}
-        # (directory handle, name) -> handle, as last seen: to expire a removed
-        # name's attributes (its other hard links' link count) without a listing.
-        self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(cfg.attr_entries)
+        self._silly_counter = 0
+        self._open_versions: LRUCache[str, str] = LRUCache(cfg.attr_entries)
         self.name_max = client.info.name_max
-        self._siblings_read: LRUCache[bytes, float] = LRUCache(DIR_GENERATIONS)
-        self.wb: WriteBack | None = None    # set when write-back is on
+        self._siblings_read: LRUCache[bytes, float] = LRUCache(SIBLING_ENTRIES)
         self._fsstat: tuple[float, nfs3.FsstatRes] | None = None
-        # Count of our own changes applied to each directory (see _read_listing).
-        self._dir_gen: LRUCache[bytes, int] = LRUCache(DIR_GENERATIONS)
-
-    @classmethod
-    async def open(cls, client: NfsClient, cfg: Config, nursery: trio.Nursery | None = None,
-                   blocks: BlockStore | None = None, saved: SavedState | None = None) -> Store:
-        """A store for the export `client` mounted; background work runs in `nursery`,
-        file data is cached in `blocks` (if given), the metadata caches start from
-        `saved` (if given; then the server need not be reachable now)."""
-        try:
-            root_attrs = await client.getattr(client.root_fh, Cred.root())
-        except TransportError:
-            if saved is None or client.root_fh not in saved.attrs:
-                raise
-            root_attrs = saved.attrs[client.root_fh]
-        store = cls(client, cfg, root_attrs, nursery, blocks)
-        if saved is not None:
-            store.restore(saved)
-        with contextlib.suppress(TransportError):
-            await store._probe_name_max()
-        return store
 
     def restore(self, saved: SavedState) -> None:
         """Start the metadata caches from a saved state (all of it expired)."""
@@ -176,8 +169,7 @@ class Store:
         for fh, (dir_version, records) in saved.listings.items():
             if self.dirs.get(fh) is None:
                 self.dirs.put(fh, Listing.of(records, dir_version))
-        for key, fh in saved.names.items():
-            self._names[key] = fh
+        self.nodes.load_names(saved.names)
 
     def saved_state(self) -> SavedState:
         """The metadata caches, to be saved (nodes created here are left out)."""
@@ -185,7 +177,8 @@ class Store:
         listings = {fh: (listing.version, [r for r in listing.records
                                            if r.fh is None or not r.fh.startswith(LOCAL_PREFIX)])
                     for fh, listing in self.dirs.items()}
-        names = {k: fh for k, fh in self._names.items() if not fh.startswith(LOCAL_PREFIX)}
+        names = {k: fh for k, fh in self.nodes.names().items()
+                 if not fh.startswith(LOCAL_PREFIX)}
         return SavedState(export=self.cfg.spec, info=self.info, attrs=attrs,
                           listings=listings, names=names)
 
@@ -197,50 +190,34 @@ class Store:
         return not self.client.up and (transport.connected_once or
                                        transport.last_error is not None)
 
-    async def _probe_name_max(self) -> None:
+    async def probe_name_max(self) -> None:
         """PATHCONF's name_max may promise more than the server's disk takes (ganesha
         says 1024 over ext4's 255): one LOOKUP of a 256-byte name tells."""
         if self.name_max <= 255:
             return
-        try:
-            await self.client.lookup(self.root.fh, b"n" * 256, Cred.root())
-        except NfsError as exc:
-            if exc.status == Nfsstat3.NFS3ERR_NAMETOOLONG:
-                self.name_max = 255
-
-    # -- nodes ---------------------------------------------------------------------
-
-    def node_for(self, fh: bytes, attrs: Fattr3, parent: Node | None = None,
-                 name: bytes = b"") -> Node:
-        """The one Node of handle `fh` (created on first sight), path updated."""
-        node = self._nodes.get(fh)
-        if node is None:
-            node = Node.from_attrs(fh, attrs, parent, name)
-            self._nodes[fh] = node
-        elif parent is not None:
-            node.parent, node.name = parent, name
-        if parent is not None:
-            self._names[(parent.fh, name)] = fh
-        return node
+        with contextlib.suppress(TransportError):
+            try:
+                await self.client.lookup(self.root.fh, b"n" * 256, Cred.root())
+            except NfsError as exc:
+                if exc.status == Nfsstat3.NFS3ERR_NAMETOOLONG:
+                    self.name_max = 255
 
     @property
     def nursery(self) -> trio.Nursery:
         assert self._nursery is not None
         return self._nursery
 
-    def register(self, node: Node) -> None:
-        """Make `node` the one Node of its handle (for nodes created elsewhere)."""
-        self._nodes[node.fh] = node
+    # -- nodes and what users see of them ----------------------------------------------------
 
     def node_by_fh(self, fh: bytes) -> Node:
         """The Node of a handle whose attributes are cached (KeyError otherwise)."""
-        node = self._nodes.get(fh)
+        node = self.nodes.get(fh)
         if node is not None:
             return node
         entry = self.attrs.peek(fh)
         if entry is None:
             raise KeyError(fh)
-        return self.node_for(fh, entry.attrs)
+        return self.nodes.node_for(fh, entry.attrs)
 
     async def ensure_node(self, fh: bytes) -> Node:
         """The Node of a handle, asking the server for its attributes if needed."""
@@ -248,48 +225,22 @@ class Store:
             return self.node_by_fh(fh)
         except KeyError:
             attrs = await self.client.getattr(fh, Cred.root())
-            return self.node_for(fh, attrs)
+            return self.nodes.node_for(fh, attrs)
 
-    def rebind(self, node: Node, fh: bytes, attrs: Fattr3) -> None:
-        """A node created here now exists on the server under `fh`."""
-        if self._nodes.get(node.fh) is node:
-            del self._nodes[node.fh]
-        node.fh = fh
-        node.fileid, node.fsid = attrs.fileid, attrs.fsid
-        self._nodes[fh] = node
-        if node.parent is not None:
-            self._names[(node.parent.fh, node.name)] = fh
-        self.attrs.update(fh, attrs, None, trio.current_time())
-
-    def server_changed_dir(self, parent: Node, wcc: WccData, name: bytes, *,
-                           added: Node | None = None, removed: bool = False) -> None:
-        """The flusher changed `parent` on the server: keep its cached listing right."""
-        if removed:
-            self._forget_child(parent, name)
-        new = (added.fileid, added.fh, added.ftype) if added is not None and \
-            not added.is_local else None
-        self._changed_dir(parent, wcc, name, added=new, removed=removed)
-
-    def rename_local_entry(self, parent: Node, old: bytes, new: bytes, node: Node) -> None:
-        """Our new file lost its name to another client's: it is now called `new`."""
-        assert self.wb is not None
-        ov = self.wb.overlay(parent)
-        if ov is not None and ov.entries.get(old) is node:
-            seq = ov.entry_seq.pop(old)
-            del ov.entries[old]
-            ov.entries[new], ov.entry_seq[new] = node, seq
-        node.name = new
-
-    def known_node(self, fh: bytes) -> Node | None:
-        """The Node of `fh` if something still refers to it."""
-        return self._nodes.get(fh)
+    def _seen(self, node: Node, server: Fattr3) -> Fattr3:
+        """`node`'s attributes as users here see them: local changes first, then the
+        server's (with the times of our own flushed changes kept)."""
+        ov = self.overlay.get(node)
+        if ov is not None:
+            return ov.attrs
+        return self.own.times.show(node.fh, server)
 
     def attr_ttl(self, node: Node) -> float:
         """Seconds the kernel may trust `node`'s attributes: what is left of our lease
         (none for files in cto mode, whose attributes each open may refresh)."""
         if not self.caching or (self.cfg.consistency == "cto" and not node.is_dir):
             return 0.0
-        if self.wb is not None and self.wb.overlay(node) is not None:
+        if self.overlay.get(node) is not None:
             return LOCAL_ATTR_TTL   # local changes: the kernel sees them all anyway
         return self.attrs.remaining(node.fh)
 
@@ -301,10 +252,9 @@ class Store:
         """Seconds the kernel may remember that `name` is missing (0: do not)."""
         if not self.caching:
             return 0.0
-        if self.wb is not None:
-            known, node = self.wb.entry(parent, name)
-            if (known and node is None) or (not known and self.wb.is_local_dir(parent)):
-                return self.cfg.lease_bounds(True)[0]   # only we can change that name
+        known, node = self.overlay.entry(parent, name)
+        if (known and node is None) or (not known and self.overlay.is_local_dir(parent)):
+            return self.cfg.lease_bounds(True)[0]   # only we can change that name
         left = self.dirs.missing_for(parent.fh, name)
         listing = self.dirs.get(parent.fh)
         if listing is not None and name not in listing.by_name:
@@ -315,46 +265,25 @@ class Store:
                 left = max(left, min(confirmed, entry.remaining(trio.current_time())))
         return max(0.0, left)
 
-    async def _on(self, node: Node, cred: Cred, op: Callable[[bytes], Awaitable[T]]) -> T:
-        """Run `op(handle)`, re-resolving the handle once if the server calls it stale."""
-        try:
-            return await op(node.fh)
-        except NfsError as exc:
-            if exc.status not in (Nfsstat3.NFS3ERR_STALE, Nfsstat3.NFS3ERR_BADHANDLE):
-                raise
-            if not await self._reresolve(node, cred):
-                raise
-        return await op(node.fh)
-
-    async def _reresolve(self, node: Node, cred: Cred) -> bool:
-        """Find `node` again by its last known path; True if it is the same file."""
-        parent = node.parent
-        if parent is None or node.gone:
-            return False
-        try:
-            res = await self._on(parent, cred,
-                                 lambda fh: self.client.lookup(fh, node.name, cred))
-        except NfsError:
-            return False
-        if res.object is None or res.obj_attributes is None or \
-                res.obj_attributes.fileid != node.fileid:
-            return False
-        log.info("re-resolved stale handle of %r", node.path())
-        if self._nodes.get(node.fh) is node:
-            del self._nodes[node.fh]
-        node.fh = res.object
-        self._nodes[node.fh] = node
-        return True
-
     # -- metadata ------------------------------------------------------------------
 
-    async def getattr(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
-        """Attributes of `node`: cached within their lease unless `fresh`."""
-        if self.wb is not None:
-            ov = self.wb.overlay(node)
-            if ov is not None:
-                return ov.attrs
-        return await self._server_attrs(node, cred, fresh=fresh)
+    async def getattr(self, node: Node, cred: Cred, *, fresh: bool = False) -> Attrs:
+        """Attributes of `node` as users see them: cached within their lease unless
+        `fresh`."""
+        return Attrs.of(await self._attrs(node, cred, fresh=fresh))
+
+    async def _attrs(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
+        ov = self.overlay.get(node)
+        if ov is not None:
+            return ov.attrs
+        return self._seen(node, await self._server_attrs(node, cred, fresh=fresh))
+
+    async def server_attrs(self, node: Node, cred: Cred) -> Fattr3:
+        """The server's attributes of `node` (a node not there yet: the local ones)."""
+        ov = self.overlay.get(node)
+        if node.is_local and ov is not None:
+            return ov.attrs
+        return await self._server_attrs(node, cred)
 
     async def _server_attrs(self, node: Node, cred: Cred, *, fresh: bool = False) -> Fattr3:
         """The server's attributes of `node` (without local changes).  While the
@@ -371,27 +300,31 @@ class Store:
         if stale is not None and self.offline:
             return stale.attrs
         try:
-            return await self._on(node, cred, lambda fh: self.client.getattr(fh, cred))
+            return await self.nodes.on(node, cred, lambda fh: self.client.getattr(fh, cred))
         except TransportError:
             if stale is None:
                 raise
             log.debug("server unreachable: serving cached attributes of %r", node.path())
             return stale.attrs
 
-    async def lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Fattr3]:
+    async def lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Attrs]:
         """The child `name` of `parent` (NfsError NOENT if there is none)."""
+        node, attrs = await self._lookup(parent, name, cred)
+        return node, Attrs.of(attrs)
+
+    async def _lookup(self, parent: Node, name: bytes, cred: Cred) -> tuple[Node, Fattr3]:
         if name == b".":
-            return parent, await self.getattr(parent, cred)
-        if self.wb is not None and name != b"..":
-            known, node = self.wb.entry(parent, name)
+            return parent, await self._attrs(parent, cred)
+        if name != b"..":
+            known, node = self.overlay.entry(parent, name)
             if known and node is not None:
-                return node, await self.getattr(node, cred)
-            if known or self.wb.is_local_dir(parent):
+                return node, await self._attrs(node, cred)
+            if known or self.overlay.is_local_dir(parent):
                 raise NfsError(NOENT, "LOOKUP")
         if self.caching and name != b"..":
             found = await self._cached_lookup(parent, name, cred)
             if found is not None:
-                return found
+                return found[0], self._seen(found[0], found[1])
             if self.dirs.missing_for(parent.fh, name):
                 raise NfsError(NOENT, "LOOKUP")
             if self.offline:
@@ -401,8 +334,8 @@ class Store:
             self._list_ahead(parent, cred)
         sent = trio.current_time()
         try:
-            res = await self._on(parent, cred,
-                                 lambda fh: self.client.lookup(fh, name, cred))
+            res = await self.nodes.on(parent, cred,
+                                      lambda fh: self.client.lookup(fh, name, cred))
         except NfsError as exc:
             if exc.status == NOENT:
                 self.dirs.remember_missing(parent.fh, name, sent)
@@ -414,17 +347,20 @@ class Store:
             return found
         attrs = res.obj_attributes or await self.client.getattr(res.fh, cred)
         if name == b"..":
-            return self.node_for(res.fh, attrs), attrs
-        return self.node_for(res.fh, attrs, parent, name), attrs
+            node = self.nodes.node_for(res.fh, attrs)
+        else:
+            node = self.nodes.node_for(res.fh, attrs, parent, name)
+        return node, self._seen(node, attrs)
 
     def _remembered(self, parent: Node, name: bytes) -> tuple[Node, Fattr3] | None:
         """While disconnected: what `name` was the last time we looked it up."""
-        fh = self._names.get((parent.fh, name))
+        fh = self.nodes.named(parent, name)
         entry = self.attrs.peek(fh) if fh is not None else None
         if fh is None or entry is None:
             return None
         log.debug("server unreachable: %r as last seen", parent.path().rstrip(b"/") + b"/" + name)
-        return self.node_for(fh, entry.attrs, parent, name), entry.attrs
+        node = self.nodes.node_for(fh, entry.attrs, parent, name)
+        return node, self._seen(node, entry.attrs)
 
     async def _cached_lookup(self, parent: Node, name: bytes,
                              cred: Cred) -> tuple[Node, Fattr3] | None:
@@ -441,7 +377,7 @@ class Store:
             if entry.fetched + self.cfg.neg_lease <= trio.current_time() and \
                     listing.trusted_until <= trio.current_time() and not self.offline:
                 # Trust a listing's silence only as long as a negative lookup.
-                await self._on(parent, cred, lambda fh: self.client.getattr(fh, cred))
+                await self.nodes.on(parent, cred, lambda fh: self.client.getattr(fh, cred))
                 if await self._valid_names(parent, cred) is not listing:
                     return None
             raise NfsError(NOENT, "LOOKUP")
@@ -449,10 +385,10 @@ class Store:
             return None
         entry = self.attrs.get(rec.fh)
         if entry is not None:
-            return self.node_for(rec.fh, entry.attrs, parent, name), entry.attrs
+            return self.nodes.node_for(rec.fh, entry.attrs, parent, name), entry.attrs
         stale = self.attrs.peek(rec.fh)
         if stale is not None and self.offline:
-            return self.node_for(rec.fh, stale.attrs, parent, name), stale.attrs
+            return self.nodes.node_for(rec.fh, stale.attrs, parent, name), stale.attrs
         try:
             attrs = await self.client.getattr(rec.fh, cred)
         except NfsError as exc:
@@ -460,7 +396,7 @@ class Store:
                 self.dirs.drop(parent.fh)
                 return None
             raise
-        return self.node_for(rec.fh, attrs, parent, name), attrs
+        return self.nodes.node_for(rec.fh, attrs, parent, name), attrs
 
     async def _valid_names(self, parent: Node, cred: Cred) -> Listing | None:
         """The cached listing of `parent` if it still holds (one GETATTR decides
@@ -485,36 +421,50 @@ class Store:
         gone = [n for n, rec in old.by_name.items() if new is None or
                 new.by_name.get(n) is None or new.by_name[n].fh != rec.fh]
         for name in gone:
-            for listener in self.entry_listeners:
+            for listener in self.own.entry_listeners:
                 listener(parent, name)
 
-    async def setattr(self, node: Node, attrs: Sattr3, cred: Cred) -> Fattr3:
-        if self.wb is not None:
-            await self.getattr(node, cred)    # the base the change applies to
-            return await self.wb.setattr(node, attrs, cred)
-        if attrs.size is not None:
-            await self.commit(node, cred)
-        res = await self._on(node, cred, lambda fh: self.client.setattr(fh, attrs, cred))
-        if res.obj_wcc.after is not None:
-            return res.obj_wcc.after
-        return await self.getattr(node, cred)
+    async def setattr(self, node: Node, change: AttrChange, cred: Cred, *,
+                      open_for_writing: bool = False) -> Attrs:
+        """Change attributes, after the checks chmod, chown, truncate and utimensat
+        make on a local file system."""
+        current = await self._attrs(node, cred)     # the base the change applies to
+        fields = checks.setattr_fields(
+            checks.FileState(Attrs.of(current).mode, current.uid, current.gid), change, cred,
+            open_for_writing=open_for_writing, max_size=self.info.max_file_size)
+        if not fields:
+            return Attrs.of(current)
+        return Attrs.of(await self.writes.setattr(node, fields, cred))
 
-    async def access(self, node: Node, mask: int, cred: Cred) -> int:
-        """The subset of ACCESS3_* bits in `mask` the server grants `cred`."""
+    async def access(self, node: Node, mode: int, cred: Cred) -> bool:
+        """access(2): may `cred` do `mode` (R_OK, W_OK, X_OK; F_OK: exists) to `node`?
+        The server decides (ACCESS), except for nodes it does not have yet."""
+        mask = (nfs3.ACCESS3_READ if mode & os.R_OK else 0) | \
+            (nfs3.ACCESS3_MODIFY if mode & os.W_OK else 0)
+        if mode & os.X_OK:
+            mask |= nfs3.ACCESS3_LOOKUP if node.is_dir else nfs3.ACCESS3_EXECUTE
+        if not mask:
+            await self._attrs(node, cred)
+            return True
         if node.is_local:
-            return mask   # not on the server yet: the kernel checked the mode bits
-        return await self._on(node, cred, lambda fh: self.client.access(fh, mask, cred))
+            return True   # not on the server yet: the kernel checked the mode bits
+        granted = await self.nodes.on(node, cred,
+                                      lambda fh: self.client.access(fh, mask, cred))
+        return granted & mask == mask
 
     async def readlink(self, node: Node, cred: Cred) -> bytes:
-        if self.wb is not None:
-            ov = self.wb.overlay(node)
-            if ov is not None and ov.target:
-                return ov.target
-        return await self._on(node, cred, lambda fh: self.client.readlink(fh, cred))
+        ov = self.overlay.get(node)
+        if ov is not None and ov.target:
+            return ov.target
+        return await self.nodes.on(node, cred, lambda fh: self.client.readlink(fh, cred))
 
-    async def statfs(self, cred: Cred) -> nfs3.FsstatRes:
+    async def statfs(self, cred: Cred) -> FsStats:
         """FSSTAT, kept for the shortest file lease (df, find and build tools ask
         often); the last answer while the server cannot be reached."""
+        fs = await self._fsstat_res(cred)
+        return FsStats(fs.tbytes, fs.fbytes, fs.abytes, fs.tfiles, fs.ffiles, fs.afiles)
+
+    async def _fsstat_res(self, cred: Cred) -> nfs3.FsstatRes:
         cached = self._fsstat
         now = trio.current_time()
         if cached is not None and self.caching and \
@@ -531,214 +481,101 @@ class Store:
 
     # -- namespace -----------------------------------------------------------------
 
-    def _changed_dir(self, parent: Node, wcc: WccData, name: bytes, *,
-                     added: tuple[int, bytes | None, Ftype3 | None] | None = None,
-                     removed: bool = False) -> None:
-        """We changed `parent`: patch its listing if the reply proves nobody else
-        did in between, else drop it; forget `name` as missing."""
-        self.dirs.forget_missing(parent.fh, name)
-        self._dir_gen[parent.fh] = self._dir_gen.get(parent.fh, 0) + 1
-        listing = self.dirs.get(parent.fh)
-        if listing is None:
-            return
-        if listing.trusted_until > trio.current_time():
-            pass    # ours: apply the change whatever the order of the replies
-        elif wcc.before is None or wcc.after is None or \
-                (wcc.before.mtime.to_ns(), wcc.before.ctime.to_ns(), wcc.before.size) \
-                != listing.version:
-            self.dirs.drop(parent.fh)
-            return
-        if removed:
-            listing.remove(name)
-        if added is not None:
-            listing.add(name, added[0], added[1], added[2])
-        if wcc.after is not None:
-            listing.version = version(wcc.after)
-
-    def install_own_listing(self, node: Node, attrs: Fattr3) -> None:
-        """`node` is a directory we just created on the server: it is empty but for
-        what we put in it, so trust our listing of it for the directory lease."""
-        lo, _ = self.cfg.lease_bounds(True)
-        self.dirs.put(node.fh, Listing({}, version(attrs),
-                                       trusted_until=trio.current_time() + lo))
-
-    async def _new_entry(self, parent: Node, name: bytes, res: nfs3.DirOpRes,
-                         cred: Cred) -> tuple[Node, Fattr3]:
-        fh = res.object
-        if fh is None:
-            fh = (await self.client.lookup(parent.fh, name, cred)).fh
-        attrs = res.obj_attributes or await self.client.getattr(fh, cred)
-        self._changed_dir(parent, res.dir_wcc, name, added=(attrs.fileid, fh, attrs.type))
-        return self.node_for(fh, attrs, parent, name), attrs
-
     async def _existing(self, parent: Node, name: bytes,
                         cred: Cred) -> tuple[Node, Fattr3] | None:
         """The child `name` of `parent` as users see it now, or None."""
         try:
-            return await self.lookup(parent, name, cred)
+            return await self._lookup(parent, name, cred)
         except NfsError as exc:
             if exc.status == NOENT:
                 return None
             raise
 
-    async def _local_create(self, parent: Node, name: bytes, ftype: Ftype3, mode: int,
-                            cred: Cred, *, target: bytes = b"", rdev: tuple[int, int] = (0, 0)
-                            ) -> tuple[Node, Fattr3]:
-        """Write-back: create here, after the checks the server would make."""
-        assert self.wb is not None
-        if await self._existing(parent, name, cred) is not None:
-            raise StoreError(errno.EEXIST, "exists")
-        return await self.wb.create(parent, name, ftype, mode, cred, target=target, rdev=rdev)
+    def _check_name(self, name: bytes) -> None:
+        if len(name) > self.name_max:
+            raise StoreError(errno.ENAMETOOLONG, "name too long")
 
-    async def create(self, parent: Node, name: bytes, mode: int, cred: Cred, *,
-                     exclusive: bool) -> tuple[Node, Fattr3]:
-        """A new regular file (GUARDED: EEXIST if `exclusive` and it exists)."""
-        if self.wb is not None:
+    async def _new(self, parent: Node, name: bytes, ftype: Ftype3, mode: int, cred: Cred, *,
+                   exclusive: bool = True, target: bytes = b"",
+                   rdev: tuple[int, int] = (0, 0)) -> tuple[Node, Attrs]:
+        """Create `name` in `parent` (EEXIST if it exists, unless a non-exclusive
+        create of a regular file, which opens what is there)."""
+        self._check_name(name)
+        if self.journaled:
             found = await self._existing(parent, name, cred)
             if found is not None:
-                if exclusive:
+                if exclusive or ftype is not Ftype3.REG:
                     raise StoreError(errno.EEXIST, "exists")
-                return found
-            return await self.wb.create(parent, name, Ftype3.REG, mode, cred)
-        how = nfs3.CreateMode.GUARDED if exclusive else nfs3.CreateMode.UNCHECKED
-        res = await self._on(parent, cred, lambda fh: self.client.create(
-            fh, name, cred, mode=how, attrs=Sattr3(mode=mode & 0o7777)))
-        return await self._new_entry(parent, name, res, cred)
+                return found[0], Attrs.of(found[1])
+        create = functools.partial(self.writes.create, parent, name, ftype, mode, cred,
+                                   target=target, rdev=rdev)
+        if not self.journaled and ftype is Ftype3.REG:
+            create = functools.partial(create, exclusive=exclusive)
+        node, attrs = await create()
+        return node, Attrs.of(attrs)
+
+    async def create(self, parent: Node, name: bytes, mode: int, cred: Cred, *,
+                     exclusive: bool) -> tuple[Node, Attrs]:
+        """A new regular file (EEXIST if `exclusive` and it exists)."""
+        return await self._new(parent, name, Ftype3.REG, mode & 0o7777, cred,
+                               exclusive=exclusive)
 
     async def mkdir(self, parent: Node, name: bytes, mode: int,
-                    cred: Cred) -> tuple[Node, Fattr3]:
-        if self.wb is not None:
-            return await self._local_create(parent, name, Ftype3.DIR, mode, cred)
-        res = await self._on(parent, cred, lambda fh: self.client.mkdir(
-            fh, name, Sattr3(mode=mode & 0o7777), cred))
-        return await self._new_entry(parent, name, res, cred)
+                    cred: Cred) -> tuple[Node, Attrs]:
+        return await self._new(parent, name, Ftype3.DIR, mode & 0o7777, cred)
 
     async def symlink(self, parent: Node, name: bytes, target: bytes,
-                      cred: Cred) -> tuple[Node, Fattr3]:
-        if self.wb is not None:
-            return await self._local_create(parent, name, Ftype3.LNK, 0o777, cred,
-                                            target=target)
-        res = await self._on(parent, cred, lambda fh: self.client.symlink(
-            fh, name, target, Sattr3(), cred))
-        return await self._new_entry(parent, name, res, cred)
+                      cred: Cred) -> tuple[Node, Attrs]:
+        checks.symlink_target(target)
+        return await self._new(parent, name, Ftype3.LNK, 0o777, cred, target=target)
 
-    async def mknod(self, parent: Node, name: bytes, ftype: Ftype3, mode: int,
-                    rdev: tuple[int, int], cred: Cred) -> tuple[Node, Fattr3]:
-        if self.wb is not None:
-            return await self._local_create(parent, name, ftype, mode, cred, rdev=rdev)
-        spec = rdev if ftype in (Ftype3.CHR, Ftype3.BLK) else None
-        res = await self._on(parent, cred, lambda fh: self.client.mknod(
-            fh, name, ftype, Sattr3(mode=mode & 0o7777), cred, spec))
-        return await self._new_entry(parent, name, res, cred)
+    async def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
+                    cred: Cred) -> tuple[Node, Attrs]:
+        """A device node, fifo or socket (`mode` with its type bits)."""
+        ftype = ftype_of_mode(mode)
+        if ftype is None or ftype in (Ftype3.DIR, Ftype3.LNK, Ftype3.REG):
+            raise StoreError(errno.EINVAL, "not a special file type")
+        return await self._new(parent, name, ftype, mode & 0o7777, cred,
+                               rdev=(os.major(rdev), os.minor(rdev)))
 
-    async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Fattr3:
-        if self.wb is not None:
+    async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Attrs:
+        self._check_name(name)
+        if self.journaled:
             if await self._existing(parent, name, cred) is not None:
                 raise StoreError(errno.EEXIST, "exists")
-            await self.getattr(node, cred)
-            return await self.wb.link(node, parent, name, cred)
-        res = await self._on(node, cred,
-                             lambda fh: self.client.link(fh, parent.fh, name, cred))
-        attrs = res.file_attributes or await self.getattr(node, cred, fresh=True)
-        self._changed_dir(parent, res.linkdir_wcc, name,
-                          added=(attrs.fileid, node.fh, attrs.type))
-        return attrs
+            await self._attrs(node, cred)
+        return Attrs.of(await self.writes.link(node, parent, name, cred))
 
     async def remove(self, parent: Node, name: bytes, cred: Cred) -> None:
-        if self.wb is not None:
-            found = await self._existing(parent, name, cred)
-            if found is None:
-                raise NfsError(NOENT, "REMOVE")
-            if found[1].type is Ftype3.DIR:
-                raise StoreError(errno.EISDIR, "is a directory")
-            return await self.wb.remove(parent, name, found[0], cred, is_dir=False)
-        await self._remove_through(parent, name, cred, self.client.remove)
+        node, attrs = await self._child(parent, name, cred, "REMOVE")
+        if attrs.type is Ftype3.DIR:
+            raise StoreError(errno.EISDIR, "is a directory")
+        await self.writes.remove(parent, name, node, cred, is_dir=False)
+        if attrs.nlink <= 1:
+            self.own.file_removed(node)
 
     async def rmdir(self, parent: Node, name: bytes, cred: Cred) -> None:
-        if self.wb is not None:
-            found = await self._existing(parent, name, cred)
-            if found is None:
-                raise NfsError(NOENT, "RMDIR")
-            node, attrs = found
+        node, attrs = await self._child(parent, name, cred, "RMDIR")
+        if self.journaled:
             if attrs.type is not Ftype3.DIR:
                 raise StoreError(errno.ENOTDIR, "not a directory")
             if await self._has_entries(node, cred):
                 raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RMDIR")
-            return await self.wb.remove(parent, name, node, cred, is_dir=True)
-        await self._remove_through(parent, name, cred, self.client.rmdir)
+        await self.writes.remove(parent, name, node, cred, is_dir=True)
 
-    async def _remove_through(self, parent: Node, name: bytes, cred: Cred,
-                              rpc: Callable[[bytes, bytes, Cred],
-                                            Awaitable[nfs3.DirWccRes]]) -> None:
-        """REMOVE or RMDIR on the server, then mend the caches."""
-        try:
-            res = await self._on(parent, cred, lambda fh: rpc(fh, name, cred))
-        except NfsError as exc:
-            if exc.status == NOENT:
-                self.dirs.drop(parent.fh)
-            raise
-        self._forget_child(parent, name)
-        self._changed_dir(parent, res.dir_wcc, name, removed=True)
-
-    def _forget_child(self, parent: Node, name: bytes) -> None:
-        """A name went away: its node's attributes (nlink, ctime) are now stale, for
-        every other name (hard link) of it too."""
-        fh = self._names.pop((parent.fh, name), None)
-        listing = self.dirs.get(parent.fh)
-        rec = listing.by_name.get(name) if listing is not None else None
-        if rec is not None and rec.fh is not None:
-            fh = rec.fh
-            if rec.ftype is Ftype3.DIR:
-                self.dirs.drop(rec.fh)
-        if fh is not None:
-            self.attrs.expire(fh)
+    async def _child(self, parent: Node, name: bytes, cred: Cred,
+                     proc: str) -> tuple[Node, Fattr3]:
+        found = await self._existing(parent, name, cred)
+        if found is None:
+            raise NfsError(NOENT, proc)
+        return found
 
     async def rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
                      cred: Cred, *, noreplace: bool = False) -> None:
         """RENAME; with `noreplace`, EEXIST if the target exists (checked first:
         NFSv3 has no atomic no-replace rename, so a racing creator can still lose)."""
-        if self.wb is not None:
-            return await self._local_rename(src, src_name, dst, dst_name, cred,
-                                            noreplace=noreplace)
-        if noreplace:
-            try:
-                await self.client.lookup(dst.fh, dst_name, cred)
-            except NfsError as exc:
-                if exc.status != Nfsstat3.NFS3ERR_NOENT:
-                    raise
-            else:
-                raise StoreError(errno.EEXIST, "rename target exists")
-        src_listing = self.dirs.get(src.fh)
-        moved = src_listing.by_name.get(src_name) if src_listing is not None else None
-        try:
-            res = await self._on(src, cred, lambda fh: self.client.rename(
-                fh, src_name, dst.fh, dst_name, cred))
-        except NfsError:
-            self.dirs.drop(src.fh)
-            self.dirs.drop(dst.fh)
-            raise
-        self._forget_child(dst, dst_name)
-        if moved is not None and moved.fh is not None:
-            self.attrs.expire(moved.fh)   # its ctime changed
-        self._changed_dir(src, res.fromdir_wcc, src_name, removed=True)
-        if moved is None:
-            self.dirs.drop(dst.fh)
-            self.dirs.forget_missing(dst.fh, dst_name)
-        elif dst is src:
-            self._changed_dir(dst, res.todir_wcc, dst_name,
-                              added=(moved.fileid, moved.fh, moved.ftype))
-        else:
-            self._changed_dir(dst, res.todir_wcc, dst_name, removed=True,
-                              added=(moved.fileid, moved.fh, moved.ftype))
-
-    async def _local_rename(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
-                            cred: Cred, *, noreplace: bool) -> None:
-        """Write-back rename, after the checks the server would make."""
-        assert self.wb is not None
-        found = await self._existing(src, src_name, cred)
-        if found is None:
-            raise NfsError(NOENT, "RENAME")
-        node, attrs = found
+        self._check_name(dst_name)
+        node, attrs = await self._child(src, src_name, cred, "RENAME")
         target = await self._existing(dst, dst_name, cred)
         replaced = None
         if target is not None:
@@ -747,13 +584,20 @@ class Store:
             if noreplace:
                 raise StoreError(errno.EEXIST, "rename target exists")
             replaced, tattrs = target
-            if attrs.type is Ftype3.DIR and tattrs.type is not Ftype3.DIR:
-                raise StoreError(errno.ENOTDIR, "not a directory")
-            if attrs.type is not Ftype3.DIR and tattrs.type is Ftype3.DIR:
-                raise StoreError(errno.EISDIR, "is a directory")
-            if tattrs.type is Ftype3.DIR and await self._has_entries(replaced, cred):
-                raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RENAME")
-        await self.wb.rename(src, src_name, dst, dst_name, node, replaced, cred)
+            if self.journaled:
+                await self._check_replace(attrs, replaced, tattrs, cred)
+        await self.writes.rename(src, src_name, dst, dst_name, node, replaced, cred)
+        if replaced is not None and target is not None and target[1].nlink <= 1:
+            self.own.file_removed(replaced)
+
+    async def _check_replace(self, attrs: Fattr3, replaced: Node, tattrs: Fattr3,
+                             cred: Cred) -> None:
+        if attrs.type is Ftype3.DIR and tattrs.type is not Ftype3.DIR:
+            raise StoreError(errno.ENOTDIR, "not a directory")
+        if attrs.type is not Ftype3.DIR and tattrs.type is Ftype3.DIR:
+            raise StoreError(errno.EISDIR, "is a directory")
+        if tattrs.type is Ftype3.DIR and await self._has_entries(replaced, cred):
+            raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RENAME")
 
     async def _has_entries(self, node: Node, cred: Cred) -> bool:
         records = await self.merged_records(node, cred)
@@ -788,24 +632,24 @@ class Store:
         for i, rec in enumerate(records[offset:offset + READDIR_PAGE], start=offset + 1):
             node, attrs = None, None
             if rec.fh is not None:
-                node = self._nodes.get(rec.fh)
-                ov = self.wb.overlay(node) if self.wb is not None and node is not None \
-                    else None
+                node = self.nodes.get(rec.fh)
+                ov = self.overlay.get(node) if node is not None else None
                 if ov is not None:
                     attrs = ov.attrs
                 else:
                     entry = self.attrs.peek(rec.fh)
                     if entry is not None:
-                        attrs = entry.attrs
-                        node = self.node_for(rec.fh, attrs) if rec.name in (b".", b"..") \
-                            else self.node_for(rec.fh, attrs, cursor.node, rec.name)
-            page.append(DirEntry(rec.name, rec.fileid, i, node, attrs))
+                        node = self.nodes.node_for(rec.fh, entry.attrs) \
+                            if rec.name in (b".", b"..") \
+                            else self.nodes.node_for(rec.fh, entry.attrs, cursor.node, rec.name)
+                        attrs = self._seen(node, entry.attrs)
+            page.append(DirEntry(rec.name, rec.fileid, i, node,
+                                 Attrs.of(attrs) if attrs is not None else None))
         return page, offset + READDIR_PAGE >= len(records)
 
     async def merged_records(self, node: Node, cred: Cred) -> list[DirRecord]:
         """The directory as users see it: the server's listing with local changes."""
-        wb = self.wb
-        ov = wb.overlay(node) if wb is not None else None
+        ov = self.overlay.get(node)
         if ov is not None and ov.local:
             base: list[DirRecord] = []
         else:
@@ -826,7 +670,7 @@ class Store:
         if offset > len(cursor.cookies):
             raise StoreError(errno.EINVAL, "directory position out of range")
         cookie = cursor.cookies[offset - 1] if offset else 0
-        res = await self._on(cursor.node, cred, lambda fh: self.client.readdirplus(
+        res = await self.nodes.on(cursor.node, cred, lambda fh: self.client.readdirplus(
             fh, cookie, cursor.verf if cookie else bytes(8), cred))
         cursor.verf = res.cookieverf
         del cursor.cookies[offset:]
@@ -835,10 +679,12 @@ class Store:
             node = None
             if e.name_handle is not None and e.name_attributes is not None \
                     and e.name not in (b".", b".."):
-                node = self.node_for(e.name_handle, e.name_attributes, cursor.node, e.name)
+                node = self.nodes.node_for(e.name_handle, e.name_attributes, cursor.node,
+                                           e.name)
             cursor.cookies.append(e.cookie)
             entries.append(DirEntry(e.name, e.fileid, len(cursor.cookies), node,
-                                    e.name_attributes))
+                                    Attrs.of(e.name_attributes)
+                                    if e.name_attributes is not None else None))
         return entries, res.eof
 
     async def listing(self, node: Node, cred: Cred) -> Listing:
@@ -874,13 +720,13 @@ class Store:
         changing, answer from the last read without caching it."""
         consistent = False
         for _attempt in range(READ_LISTING_ATTEMPTS):
-            generation = self._dir_gen.get(node.fh, 0)
+            generation = self.own.generation(node.fh)
             records: list[DirRecord] = []
             cookie, verf = 0, bytes(8)
             first: tuple[int, int, int] | None = None
             last: Fattr3 | None = None
             while True:
-                res = await self._on(node, cred, functools.partial(
+                res = await self.nodes.on(node, cred, functools.partial(
                     self.client.readdirplus, cookie=cookie, cookieverf=verf, cred=cred))
                 verf = res.cookieverf
                 if res.dir_attributes is not None:
@@ -895,7 +741,7 @@ class Store:
             if last is None:
                 last = await self.client.getattr(node.fh, cred)
                 first = version(last)
-            if first == version(last) and self._dir_gen.get(node.fh, 0) == generation:
+            if first == version(last) and self.own.generation(node.fh) == generation:
                 consistent = True
                 break
         assert last is not None   # every attempt ends with the directory's attributes
@@ -931,7 +777,7 @@ class Store:
                     not self._listings.busy(rec.fh):
                 attrs = self.attrs.peek(rec.fh)
                 if attrs is not None:
-                    child = self.node_for(rec.fh, attrs.attrs, node, rec.name)
+                    child = self.nodes.node_for(rec.fh, attrs.attrs, node, rec.name)
                     self._nursery.start_soon(self._prefetch, child, depth, cred)
 
     async def _prefetch(self, node: Node, depth: int, cred: Cred) -> None:
@@ -941,11 +787,8 @@ class Store:
             try:
                 listing = await self._listings.run(
                     node.fh, lambda: self._read_listing(node, cred, prefetch=False))
-            except (NfsError, OSError) as exc:
-                log.debug("prefetch of %r skipped: %s", node.path(), exc)
-                return
             except Exception as exc:   # a background helper must never take the mount down
-                log.debug("prefetch of %r failed: %s", node.path(), exc)
+                log.debug("prefetch of %r skipped: %s", node.path(), exc)
                 return
         self._prefetch_children(node, listing, depth - 1, cred)
 
@@ -961,29 +804,32 @@ class Store:
         if self.data is None:
             return False
         attrs = self.attrs.valid(node.fh)
-        if attrs is None:
+        if attrs is None or self.overlay.get(node) is not None:
             return False
         current = data_version(attrs)
         previous = self._open_versions.get(node.key)
-        if previous != current:
-            if len(self._open_versions) > self.cfg.attr_entries:
-                self._open_versions.clear()
-            self._open_versions[node.key] = current
+        self._open_versions[node.key] = current
         return previous == current
 
     async def read(self, node: Node, offset: int, size: int, cred: Cred, *,
                    ra: ReadAhead | None = None, direct: bool = False) -> bytes:
         """Up to `size` bytes at `offset` (fewer only at end of file): local changes
         first, then the block cache within the attribute lease, else the server."""
-        if self.wb is not None:
-            ov = self.wb.overlay(node)
-            if ov is not None and ov.file is not None:
-                lo, hi = ov.file.base_span(offset, size)
-                base = b""
-                if hi > lo and not node.is_local:
-                    base = await self._read_server(node, lo, hi - lo, cred, ra, direct)
-                return ov.file.apply(offset, size, base)
+        ov = self.overlay.get(node)
+        if ov is not None and ov.file is not None:
+            return await self.writes.read(node, offset, size, functools.partial(
+                self._read_base, cred=cred, direct=direct))
         return await self._read_server(node, offset, size, cred, ra, direct)
+
+    async def _read_base(self, node: Node, offset: int, size: int, *, cred: Cred,
+                         direct: bool) -> bytes:
+        """Server bytes under local changes (the overlay asks only for bytes that no
+        pending change touches)."""
+        return await self._read_server(node, offset, size, cred, None, direct)
+
+    async def read_server(self, node: Node, offset: int, size: int) -> bytes:
+        """The server's bytes of `node` (for conflict copies and lost+found)."""
+        return await self._read_server(node, offset, size, Cred.root(), None, False)
 
     async def _read_server(self, node: Node, offset: int, size: int, cred: Cred,
                            ra: ReadAhead | None, direct: bool) -> bytes:
@@ -1019,11 +865,13 @@ class Store:
                     entry.attrs.size > budget:
                 continue
             budget -= entry.attrs.size
-            child = self.node_for(rec.fh, entry.attrs, parent, rec.name)
-            self.data.prefetch(child, entry.attrs, cred)
+            child = self.nodes.node_for(rec.fh, entry.attrs, parent, rec.name)
+            if self.overlay.get(child) is None:
+                self.data.prefetch(child, entry.attrs, cred)
 
     async def _read_through(self, node: Node, offset: int, size: int, cred: Cred) -> bytes:
-        """Read straight from the server, rsize at a time, all in flight."""
+        """Read straight from the server, rsize at a time, all in flight; a short
+        READ is continued where it ended, until the count or end of file."""
         rsize = self.info.rsize
         spans = [(off, min(rsize, offset + size - off))
                  for off in range(offset, offset + size, rsize)]
@@ -1035,7 +883,7 @@ class Store:
             got = b""
             while len(got) < count:
                 at, want = off + len(got), count - len(got)
-                res = await self._on(node, cred, functools.partial(
+                res = await self.nodes.on(node, cred, functools.partial(
                     self.client.read, offset=at, count=want, cred=cred))
                 got += res.data
                 if res.eof or not res.data:
@@ -1052,79 +900,40 @@ class Store:
         return b"".join(parts[:eof_at + 1])
 
     async def write(self, node: Node, offset: int, data: bytes, cred: Cred, *,
-                    stable: StableHow = StableHow.UNSTABLE) -> int:
-        """Write-back: journal it (O_DIRECT: and wait until it is on the server).
-        Write-through: send it now; UNSTABLE data is kept until COMMIT."""
-        if self.wb is not None:
-            if not node.is_local and self.attrs.peek(node.fh) is None:
-                await self._server_attrs(node, cred)   # the base our bytes go over
-            written = await self.wb.write(node, offset, data, cred)
-            if stable != StableHow.UNSTABLE:
-                await self.fsync(node, cred)
-            return written
-        wsize = self.info.wsize
-        state = self._files.setdefault(node, _FileState())
-        view = memoryview(data)
-        for start in range(0, len(data), wsize):
-            chunk = bytes(view[start:start + wsize])
-            res = await self._on(node, cred, functools.partial(
-                self.client.write, offset=offset + start, data=chunk, cred=cred, stable=stable))
-            if res.count != len(chunk):
-                raise StoreError(errno.EIO, f"short WRITE ({res.count} of {len(chunk)})")
-            if res.committed == StableHow.UNSTABLE:
-                state.unstable.append(_Unstable(offset + start, chunk, res.verf))
-                state.unstable_bytes += len(chunk)
-        if self.data is not None:
-            self.data.forget(node.key)
-        if state.unstable_bytes > COMMIT_EVERY:
-            await self.commit(node, cred)
-        return len(data)
-
-    async def commit(self, node: Node, cred: Cred) -> None:
-        """COMMIT UNSTABLE writes; re-send those the server lost in a reboot."""
-        state = self._files.get(node)
-        if state is None or not state.unstable:
-            return
-        pending, state.unstable, state.unstable_bytes = state.unstable, [], 0
-        try:
-            res = await self._on(node, cred, lambda fh: self.client.commit(fh, cred))
-            lost = [w for w in pending if w.verf != res.verf]
-            if lost:
-                log.warning("server rebooted: re-sending %d uncommitted writes of %r",
-                            len(lost), node.path())
-            for w in lost:
-                await self._on(node, cred, functools.partial(
-                    self.client.write, offset=w.offset, data=w.data, cred=cred,
-                    stable=StableHow.FILE_SYNC))
-        except BaseException:
-            state.unstable[:0] = pending
-            state.unstable_bytes += sum(len(w.data) for w in pending)
-            raise
+                    direct: bool = False) -> int:
+        """Hand a write to the policy (EFBIG past the server's largest file);
+        `direct` (O_DIRECT): wait until it is on the server."""
+        checks.file_size(offset + len(data), self.info.max_file_size)
+        if self.overlay.get(node) is None and not node.is_local:
+            await self._server_attrs(node, cred)   # the base our bytes go over
+        written = await self.writes.write(node, offset, data, cred)
+        if direct:
+            await self.fsync(node, cred)
+        return written
 
     async def fsync(self, node: Node, cred: Cred) -> None:
-        """Wait until `node`'s changes are committed on the server."""
-        if self.wb is None:
-            await self.commit(node, cred)
-            return
+        """Wait until `node`'s changes are on the server (EIO if some never will)."""
         if self.cfg.hard:
-            await self.wb.sync(node)
+            await self.writes.sync(node)
             return
         with trio.move_on_after(self.cfg.timeout):
-            await self.wb.sync(node)
+            await self.writes.sync(node)
             return
         raise StoreError(errno.EIO, "the server did not take the changes in time "
                          "(they stay journaled and will be flushed)")
 
     async def closed(self, node: Node, cred: Cred) -> None:
-        """A writer closed `node`: write-through commits; write-back flushes only in
-        cto mode (close-to-open), else the flusher takes its time."""
-        if self.wb is None:
-            await self.commit(node, cred)
-        elif self.cfg.consistency == "cto":
+        """A writer closed `node`: wait for the server where the policy or cto says
+        so; EIO if changes to it could not be written."""
+        if not self.journaled or self.cfg.consistency == "cto":
             await self.fsync(node, cred)
+        failure = self.writes.take_failure(node)
+        if failure is not None:
+            raise StoreError(errno.EIO, failure)
 
     def release(self, node: Node) -> None:
         """The last open of `node` was closed (its write state may go)."""
-        state = self._files.get(node)
-        if state is not None and not state.unstable:
-            del self._files[node]
+        self.writes.release(node)
+
+
+__all__ = ["DirCursor", "DirEntry", "Store", "StoreError", "WritePolicy"]

@@ -1,7 +1,8 @@
 """The FUSE edge: every exception becomes an errno here, and only here.
 
-`errno_of()` is the one exception -> errno table of the file system (NFS statuses
-themselves map through `nfs_backend.errors.NFS3ERR_ERRNO`).  `fuse_handler` wraps
+`errno_of()` is the one exception -> errno table of the file system: every
+wancache error says its errno (NFS statuses map through
+`nfs_backend.errors.NFS3ERR_ERRNO`), local ones are OSErrors.  `fuse_handler` wraps
 each `Operations` method so that no exception can escape into pyfuse3, which would
 end `pyfuse3.main()` and take the mount down for every user.
 """
@@ -18,14 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from wancache.nfs_backend.errors import (
-    MountError,
-    NfsError,
-    ProtocolError,
-    RpcDeniedError,
-    RpcError,
-    TransportError,
-)
+from wancache.errors import WancacheError
 
 log = logging.getLogger("wancache.fs")
 REQUESTS: Counter[str] = Counter()   # FUSE requests served, per handler
@@ -47,14 +41,8 @@ def errno_of(exc: BaseException) -> int | None:
     match exc:
         case pyfuse3.FUSEError():
             return exc.errno
-        case NfsError() | MountError():
-            return exc.errno
-        case TransportError():
-            return exc.errno           # timeouts, unreachable server, unknown outcome
-        case RpcDeniedError():
-            return errno.EACCES        # the server refused our credentials
-        case RpcError() | ProtocolError():
-            return errno.EIO
+        case WancacheError():
+            return exc.errno           # NFS statuses, timeouts, unreachable server, ...
         case trio.TooSlowError():
             return errno.ETIMEDOUT
         case OSError() if exc.errno:

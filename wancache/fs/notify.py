@@ -16,7 +16,6 @@ import trio
 
 from wancache.cache.node import Node
 from wancache.cache.store import Store
-from wancache.nfs_backend.nfs3 import Fattr3
 
 from .inodes import InodeTable
 
@@ -31,13 +30,13 @@ class KernelNotifier:
         self.inodes = inodes
         self._send, self._receive = trio.open_memory_channel[tuple[int, bytes | None]](math.inf)
         store.attrs.listeners.append(self._attrs_changed)
-        store.entry_listeners.append(self._entry_gone)
+        store.own.entry_listeners.append(self._entry_gone)
         self.sent = 0
 
-    def _attrs_changed(self, fh: bytes, old: Fattr3 | None, new: Fattr3, ours: bool) -> None:
+    def _attrs_changed(self, fh: bytes, old: object, new: object, ours: bool) -> None:
         if ours:
             return
-        node = self.store.known_node(fh)
+        node = self.store.nodes.get(fh)
         ino = self.inodes.peek(node) if node is not None else None
         if ino is not None:
             self._send.send_nowait((ino, None))

@@ -25,12 +25,14 @@ Open flags, deliberately:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import itertools
 import logging
 import os
 import stat
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,13 +42,11 @@ import pyfuse3
 from wancache.cache.node import Node
 from wancache.cache.readahead import ReadAhead
 from wancache.cache.store import DirCursor, Store
+from wancache.cache.types import AttrChange, Attrs
 from wancache.config import Config
-from wancache.nfs_backend import nfs3
-from wancache.nfs_backend.errors import NfsError
-from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3
-from wancache.nfs_backend.transport import Cred
+from wancache.creds import Cred
 
-from .errors import guard_operations
+from .errors import errno_of, guard_operations
 from .inodes import InodeTable
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,6 @@ GROUPS_TTL = 2.0              # seconds a process's supplementary groups are tru
 # answer ENOTSUP itself from then on, instead of asking us (e.g. for
 # security.capability before every write): users see ENOTSUP either way.
 XATTR_ERRNO = errno.ENOSYS
-NOENT = Nfsstat3.NFS3ERR_NOENT
-
-_FTYPES = {stat.S_IFREG: Ftype3.REG, stat.S_IFDIR: Ftype3.DIR, stat.S_IFLNK: Ftype3.LNK,
-           stat.S_IFIFO: Ftype3.FIFO, stat.S_IFSOCK: Ftype3.SOCK, stat.S_IFCHR: Ftype3.CHR,
-           stat.S_IFBLK: Ftype3.BLK}
-_MODE_BITS = {v: k for k, v in _FTYPES.items()}
 
 
 @dataclass(eq=False)
@@ -102,38 +96,38 @@ class _Groups:
     expires: float
 
 
-def to_entry(ino: int, attrs: Fattr3, attr_ttl: float = 0.0,
+def to_entry(ino: int, attrs: Attrs, attr_ttl: float = 0.0,
              entry_ttl: float = 0.0) -> pyfuse3.EntryAttributes:
-    """NFS attributes -> what the kernel wants, for inode `ino`."""
+    """A file's attributes as the kernel wants them, for inode `ino`."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = ino
     e.generation = 0
     e.entry_timeout = entry_ttl
     e.attr_timeout = attr_ttl
-    e.st_mode = _MODE_BITS.get(attrs.type, stat.S_IFREG) | (attrs.mode & 0o7777)
+    e.st_mode = attrs.mode
     e.st_nlink = attrs.nlink
     e.st_uid = attrs.uid
     e.st_gid = attrs.gid
-    e.st_rdev = os.makedev(*attrs.rdev) if attrs.type in (Ftype3.CHR, Ftype3.BLK) else 0
+    e.st_rdev = attrs.rdev
     e.st_size = attrs.size
     e.st_blksize = BLKSIZE
     e.st_blocks = (attrs.used + 511) // 512
-    e.st_atime_ns = attrs.atime.to_ns()
-    e.st_mtime_ns = attrs.mtime.to_ns()
-    e.st_ctime_ns = attrs.ctime.to_ns()
+    e.st_atime_ns = attrs.atime_ns
+    e.st_mtime_ns = attrs.mtime_ns
+    e.st_ctime_ns = attrs.ctime_ns
     return e
 
 
-def to_sattr(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> Sattr3:
+def to_change(attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields) -> AttrChange:
     """The attributes a setattr request changes (pyfuse3 already turned UTIME_NOW into
     the current time; UTIME_OMIT leaves a field unchanged)."""
-    return Sattr3(
+    return AttrChange(
         mode=attr.st_mode & 0o7777 if fields.update_mode else None,
         uid=attr.st_uid if fields.update_uid else None,
         gid=attr.st_gid if fields.update_gid else None,
         size=attr.st_size if fields.update_size else None,
-        atime=NfsTime.from_ns(attr.st_atime_ns) if fields.update_atime else None,
-        mtime=NfsTime.from_ns(attr.st_mtime_ns) if fields.update_mtime else None)
+        atime=attr.st_atime_ns if fields.update_atime else None,
+        mtime=attr.st_mtime_ns if fields.update_mtime else None)
 
 
 @guard_operations
@@ -153,6 +147,7 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, OpenDir] = {}
         self._handles = itertools.count(1)
         self._groups: OrderedDict[tuple[int, int, int], _Groups] = OrderedDict()
+        self._hidden: weakref.WeakSet[Node] = weakref.WeakSet()   # unlinked while open
 
     @property
     def open_files(self) -> int:
@@ -179,7 +174,7 @@ class Operations(pyfuse3.Operations):
                 self._groups.popitem(last=False)
         return Cred(ctx.uid, ctx.gid, cached.groups[:16])
 
-    def _entry(self, node: Node, attrs: Fattr3, parent: Node | None = None,
+    def _entry(self, node: Node, attrs: Attrs, parent: Node | None = None,
                name: bytes = b"") -> pyfuse3.EntryAttributes:
         """An entry reply: counts one kernel lookup of `node`."""
         ino = self.inodes.remember(node)
@@ -202,8 +197,9 @@ class Operations(pyfuse3.Operations):
         self._check_name(name)
         try:
             node, attrs = await self.store.lookup(parent, name, self.cred(ctx))
-        except NfsError as exc:
-            ttl = self.store.negative_ttl(parent, name) if exc.status == NOENT else 0.0
+        except Exception as exc:
+            missing = errno_of(exc) == errno.ENOENT
+            ttl = self.store.negative_ttl(parent, name) if missing else 0.0
             if ttl <= 0:
                 raise
             # A negative entry: the kernel remembers the name is missing for `ttl`.
@@ -220,7 +216,7 @@ class Operations(pyfuse3.Operations):
     async def getattr(self, inode: int,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.inodes.node(inode)
-        attrs = await self.store.getattr(node, self.cred(ctx))
+        attrs = self._unlinked(node, await self.store.getattr(node, self.cred(ctx)))
         return to_entry(inode, attrs, self.store.attr_ttl(node))
 
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
@@ -228,45 +224,40 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable_mount()
         node = self.inodes.node(inode)
-        sattr = to_sattr(attr, fields)
+        change = to_change(attr, fields)
         cred = self.cred(ctx)
-        if sattr == Sattr3():   # only ctime (or nothing) was asked for
+        if change.empty:   # only ctime (or nothing) was asked for
             attrs = await self.store.getattr(node, cred)
         else:
-            attrs = await self.store.setattr(node, sattr, cred)
-        return to_entry(inode, attrs, self.store.attr_ttl(node))
+            of = self._files.get(fh) if fh is not None else None
+            attrs = await self.store.setattr(node, change, cred,
+                                             open_for_writing=of is not None and of.writable)
+        return to_entry(inode, self._unlinked(node, attrs), self.store.attr_ttl(node))
+
+    def _unlinked(self, node: Node, attrs: Attrs) -> Attrs:
+        """An open file unlinked here lives on under a hidden name: it has one link
+        less than the server says (none, usually)."""
+        if node in self._hidden:
+            return dataclasses.replace(attrs, nlink=max(0, attrs.nlink - 1))
+        return attrs
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         return await self.store.readlink(self.inodes.node(inode), self.cred(ctx))
 
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        mask = 0
-        if mode & os.R_OK:
-            mask |= nfs3.ACCESS3_READ
-        if mode & os.W_OK:
-            mask |= nfs3.ACCESS3_MODIFY
-        if mode & os.X_OK:
-            mask |= nfs3.ACCESS3_EXECUTE
-        node = self.inodes.node(inode)
-        if mode & os.X_OK and node.is_dir:
-            mask = (mask & ~nfs3.ACCESS3_EXECUTE) | nfs3.ACCESS3_LOOKUP
-        if not mask:
-            await self.store.getattr(node, self.cred(ctx))
-            return True
-        granted = await self.store.access(node, mask, self.cred(ctx))
-        return granted & mask == mask
+        return await self.store.access(self.inodes.node(inode), mode, self.cred(ctx))
 
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         fs = await self.store.statfs(self.cred(ctx))
         st = pyfuse3.StatvfsData()
         st.f_bsize = BLKSIZE
         st.f_frsize = 4096
-        st.f_blocks = fs.tbytes // st.f_frsize
-        st.f_bfree = fs.fbytes // st.f_frsize
-        st.f_bavail = fs.abytes // st.f_frsize
-        st.f_files = fs.tfiles
-        st.f_ffree = fs.ffiles
-        st.f_favail = fs.afiles
+        st.f_blocks = fs.total_bytes // st.f_frsize
+        st.f_bfree = fs.free_bytes // st.f_frsize
+        st.f_bavail = fs.avail_bytes // st.f_frsize
+        st.f_files = fs.total_files
+        st.f_ffree = fs.free_files
+        st.f_favail = fs.avail_files
         st.f_namemax = self.store.name_max
         return st
 
@@ -276,17 +267,15 @@ class Operations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         self._writable_mount()
         self._check_name(name)
-        ftype = _FTYPES.get(stat.S_IFMT(mode))
-        if ftype is None or ftype is Ftype3.DIR or ftype is Ftype3.LNK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
         parent = self.inodes.node(parent_inode)
-        perm = mode & ~ctx.umask
-        if ftype is Ftype3.REG:
+        perm = mode & ~ctx.umask & 0o7777
+        if stat.S_ISREG(mode):
             node, attrs = await self.store.create(parent, name, perm, self.cred(ctx),
                                                   exclusive=True)
+        elif stat.S_IFMT(mode) in (stat.S_IFDIR, stat.S_IFLNK):
+            raise pyfuse3.FUSEError(errno.EINVAL)
         else:
-            node, attrs = await self.store.mknod(parent, name, ftype, perm,
-                                                 (os.major(rdev), os.minor(rdev)),
+            node, attrs = await self.store.mknod(parent, name, stat.S_IFMT(mode) | perm, rdev,
                                                  self.cred(ctx))
         return self._entry(node, attrs, parent, name)
 
@@ -331,6 +320,7 @@ class Operations(pyfuse3.Operations):
         if node is None:
             return False
         hidden = await self.store.silly_rename(parent, name, node, cred)
+        self._hidden.add(node)
         for of in self._files.values():
             if of.node is node and of.silly is None:
                 of.silly = (parent, hidden, cred)
@@ -344,11 +334,11 @@ class Operations(pyfuse3.Operations):
             return None
         try:
             node, attrs = await self.store.lookup(parent, name, cred)
-        except NfsError as exc:
-            if exc.status == NOENT:
+        except Exception as exc:
+            if errno_of(exc) == errno.ENOENT:
                 return None
             raise
-        if attrs.type is Ftype3.DIR or self.inodes.open_count(node) == 0:
+        if attrs.is_dir or self.inodes.open_count(node) == 0:
             return None
         if attrs.nlink > 1:
             return None   # other names keep the file alive on the server
@@ -398,7 +388,8 @@ class Operations(pyfuse3.Operations):
             # Close-to-open: every open sees what the last close on any client wrote.
             await self.store.getattr(node, of.cred, fresh=True)
         if flags & os.O_TRUNC:   # Linux truncates even when opened read-only
-            await self.store.setattr(node, Sattr3(size=0), of.cred)
+            await self.store.setattr(node, AttrChange(size=0), of.cred,
+                                     open_for_writing=True)
         return self._file_info(node, of)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -411,7 +402,8 @@ class Operations(pyfuse3.Operations):
         node, attrs = await self.store.create(parent, name, mode & ~ctx.umask, cred,
                                               exclusive=bool(flags & os.O_EXCL))
         if flags & os.O_TRUNC and attrs.size:   # it existed after all (a racing creator)
-            attrs = await self.store.setattr(node, Sattr3(size=0), cred)
+            attrs = await self.store.setattr(node, AttrChange(size=0), cred,
+                                             open_for_writing=True)
         entry = self._entry(node, attrs, parent, name)
         return self._file_info(node, OpenFile(node, cred, flags), new=True), entry
 
@@ -430,8 +422,7 @@ class Operations(pyfuse3.Operations):
         of = self._file(fh)
         if of.append:
             off = (await self.store.getattr(of.node, of.cred)).size
-        stable = nfs3.StableHow.FILE_SYNC if of.direct else nfs3.StableHow.UNSTABLE
-        return await self.store.write(of.node, off, buf, of.cred, stable=stable)
+        return await self.store.write(of.node, off, buf, of.cred, direct=of.direct)
 
     async def flush(self, fh: int) -> None:
         of = self._file(fh)
@@ -458,6 +449,7 @@ class Operations(pyfuse3.Operations):
                     None)
                 if silly is not None:
                     parent, hidden, unlinker = silly
+                    self._hidden.discard(of.node)
                     await self.store.remove(parent, hidden, unlinker)
 
     # -- directories ---------------------------------------------------------------
@@ -526,4 +518,4 @@ class Operations(pyfuse3.Operations):
         raise pyfuse3.FUSEError(XATTR_ERRNO)
 
 
-__all__ = ["OpenDir", "OpenFile", "Operations", "to_entry", "to_sattr"]
+__all__ = ["OpenDir", "OpenFile", "Operations", "to_change", "to_entry"]

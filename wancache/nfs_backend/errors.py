@@ -1,14 +1,16 @@
 """Exception hierarchy of the NFS backend and the one NFS3ERR_* -> errno table.
 
 Status numbers are those of RFC 1813 section 2.6 (nfsstat3) and section 5.1.3 of
-its appendix I (mountstat3).  This module imports nothing from the package so
-every other module can import it without cycles.
+its appendix I (mountstat3).  This module imports nothing from the package but
+the root exception, so every other module can import it without cycles.
 """
 
 from __future__ import annotations
 
 import errno as _errno
 from enum import IntEnum
+
+from wancache.errors import WancacheError
 
 # --- nfsstat3 (RFC 1813 §2.6) -------------------------------------------------
 
@@ -131,10 +133,6 @@ MNT3ERR_ERRNO: dict[int, int] = {
 # --- exceptions -------------------------------------------------------------------
 
 
-class WancacheError(Exception):
-    """Base class of all wancache domain errors."""
-
-
 class ProtocolError(WancacheError):
     """Garbage, truncated or impossible bytes from the wire.
 
@@ -172,6 +170,11 @@ class RpcDeniedError(RpcError):
         else:
             detail = ""
         super().__init__(f"RPC call denied: reject_stat={reject_stat} {detail}".rstrip())
+
+    @property
+    def errno(self) -> int:
+        """The server refused our credentials."""
+        return _errno.EACCES
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.reject_stat, self.auth_stat, self.mismatch, self.xid))
@@ -268,8 +271,6 @@ class TransportError(WancacheError):
 
     ``errno`` is what a soft mount reports to applications (Linux: EIO).
     """
-
-    errno = _errno.EIO
 
 
 class RpcTimeoutError(TransportError):

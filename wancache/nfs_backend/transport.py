@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from wancache.creds import Cred
+
 from .errors import (
     ProtocolError,
     RpcTimeoutError,
@@ -60,24 +62,12 @@ from .rpc import (
 )
 from .stats import RpcStats
 
+__all__ = ["Cred", "RpcTransport", "TransportOptions"]
+
 log = logging.getLogger(__name__)
 
 RESERVED_PORTS = range(1023, 664, -1)
 MAX_BATCH = 512 * 1024  # bytes the writer joins into one send
-
-
-@dataclass(frozen=True)
-class Cred:
-    """AUTH_SYS identity of the user on whose behalf a call is made."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()
-
-    @classmethod
-    def root(cls) -> Cred:
-        """The daemon's own identity, for calls no user makes (MNT, FSINFO)."""
-        return cls(0, 0, ())
 
 
 @functools.lru_cache(maxsize=4096)

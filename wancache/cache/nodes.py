@@ -1,0 +1,124 @@
+"""The node table: one `Node` per file handle, the names they were seen under, the
+nodes created here, and finding a node again when the server calls its handle stale.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from cachetools import LRUCache
+
+from wancache.creds import Cred
+from wancache.nfs_backend.client import NfsClient
+from wancache.nfs_backend.errors import NfsError
+from wancache.nfs_backend.nfs3 import Fattr3, Nfsstat3
+
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+STALE = (Nfsstat3.NFS3ERR_STALE, Nfsstat3.NFS3ERR_BADHANDLE)
+
+
+class NodeTable:
+    """handle -> Node (weak: a node lives while something refers to it)."""
+
+    def __init__(self, client: NfsClient, root: Node, names: int) -> None:
+        self.client = client
+        self.root = root
+        self._nodes: weakref.WeakValueDictionary[bytes, Node] = weakref.WeakValueDictionary()
+        self._nodes[root.fh] = root
+        # (directory handle, name) -> handle, as last seen: to expire a removed name's
+        # attributes without a listing, and to answer lookups while disconnected.
+        self._names: LRUCache[tuple[bytes, bytes], bytes] = LRUCache(names)
+        self._locals: dict[int, Node] = {}     # created here, by local id
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, fh: bytes) -> Node | None:
+        """The Node of `fh` if something still refers to it."""
+        return self._nodes.get(fh)
+
+    def node_for(self, fh: bytes, attrs: Fattr3, parent: Node | None = None,
+                 name: bytes = b"") -> Node:
+        """The one Node of handle `fh` (created on first sight), path updated."""
+        node = self._nodes.get(fh)
+        if node is None:
+            node = Node.from_attrs(fh, attrs, parent, name)
+            self._nodes[fh] = node
+        elif parent is not None:
+            node.parent, node.name = parent, name
+        if parent is not None:
+            self._names[(parent.fh, name)] = fh
+        return node
+
+    def register(self, node: Node) -> None:
+        """Make `node` the one Node of its handle (a node created here)."""
+        self._nodes[node.fh] = node
+        if node.local_id is not None:
+            self._locals[node.local_id] = node
+
+    def local(self, local_id: int) -> Node | None:
+        return self._locals.get(local_id)
+
+    def forget_local(self, local_id: int) -> None:
+        """Nothing refers to local id `local_id` any more (its journal records are done)."""
+        self._locals.pop(local_id, None)
+
+    def rebind(self, node: Node, fh: bytes, attrs: Fattr3) -> None:
+        """`node` (created here, or found stale) is now known to the server as `fh`."""
+        if self._nodes.get(node.fh) is node:
+            del self._nodes[node.fh]
+        node.fh = fh
+        node.fileid, node.fsid = attrs.fileid, attrs.fsid
+        self._nodes[fh] = node
+        if node.parent is not None:
+            self._names[(node.parent.fh, node.name)] = fh
+
+    # -- names ----------------------------------------------------------------------
+
+    def named(self, parent: Node, name: bytes) -> bytes | None:
+        return self._names.get((parent.fh, name))
+
+    def forget_name(self, parent: Node, name: bytes) -> bytes | None:
+        return self._names.pop((parent.fh, name), None)
+
+    def names(self) -> dict[tuple[bytes, bytes], bytes]:
+        return dict(self._names.items())
+
+    def load_names(self, names: dict[tuple[bytes, bytes], bytes]) -> None:
+        for key, fh in names.items():
+            self._names[key] = fh
+
+    # -- stale handles ----------------------------------------------------------------
+
+    async def on(self, node: Node, cred: Cred, op: Callable[[bytes], Awaitable[T]]) -> T:
+        """Run `op(handle)`, finding the node again once if the server calls it stale."""
+        try:
+            return await op(node.fh)
+        except NfsError as exc:
+            if exc.status not in STALE or not await self.reresolve(node, cred):
+                raise
+        return await op(node.fh)
+
+    async def reresolve(self, node: Node, cred: Cred) -> bool:
+        """Find `node` again by its last known path; True if it is the same file."""
+        parent = node.parent
+        if parent is None or node.gone or node.is_local:
+            return False
+        try:
+            res = await self.on(parent, cred,
+                                lambda fh: self.client.lookup(fh, node.name, cred))
+        except NfsError:
+            return False
+        if res.object is None or res.obj_attributes is None or \
+                res.obj_attributes.fileid != node.fileid:
+            return False
+        log.info("re-resolved stale handle of %r", node.path())
+        self.rebind(node, res.object, res.obj_attributes)
+        return True
