@@ -144,7 +144,9 @@ class DataCache:
         """AttrCache listener: a file's version changed, its old blocks are garbage."""
         if old is None or data_version(old) == data_version(new):
             return
-        self.forget(f"{new.fsid:x}-{new.fileid:x}", keep=data_version(new))
+        # The old version's blocks leave the block store at the next checkpoint, not
+        # at once: write-back still reads its base version for a conflict copy.
+        self._drop(f"{new.fsid:x}-{new.fileid:x}", data_version(new), now=False)
 
     def forget(self, key: str, keep: str | None = None) -> None:
         """Drop every cached block of file `key` (except those of version `keep`):
@@ -153,19 +155,31 @@ class DataCache:
 
         Call it when the file is removed from the server (REMOVE of its last link,
         nlink 0) and when it changed there."""
+        self._drop(key, keep, now=True)
+
+    def _drop(self, key: str, keep: str | None, *, now: bool) -> None:
         self._epochs.bump(key)
         for k in [k for k in self._recent if k[0] == key and k[1] != keep]:
             self._recent_bytes -= len(self._recent.pop(k))
-        if self.blocks is not None:
+        if self.blocks is None:
+            return
+        if now:
             self.blocks.discard(key, keep)
             if not self._purge_due:
                 self._purge_due = True
                 self._nursery.start_soon(self._purge)
+        else:
+            self._nursery.start_soon(self._discard_later, key, keep)
 
     def changed(self, key: str) -> None:
         """We changed file `key` on the server (WRITE, SETATTR of its size, ...): no
         block of it read before is trusted, whatever version it claims."""
         self.forget(key)
+
+    async def _discard_later(self, key: str, keep: str | None) -> None:
+        assert self.blocks is not None
+        self.blocks.discard(key, keep)
+        await self._purge()
 
     async def _purge(self) -> None:
         assert self.blocks is not None
