@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -17,7 +18,7 @@ import pytest
 import trio
 
 from wancache.cache import blocks as blocks_mod
-from wancache.cache.blocks import BlockStore, BlockStoreError, stored_size
+from wancache.cache.blocks import BlockStore, BlockStoreError, PinError, stored_size
 
 BS = 64 << 10  # block size of most tests: stored in files (diskcache inlines < 32 KiB)
 
@@ -33,8 +34,8 @@ async def open_store(path: Path, limit: int = 1 << 30, **kw: object) -> BlockSto
 
 
 def index_state(store: BlockStore) -> dict[str, int]:
-    """diskcache key -> stored size of every indexed block."""
-    return {b.dkey: b.size for versions in store._files.values()
+    """diskcache key -> hole length (or -1) of every indexed block."""
+    return {b.dkey: b.hole for versions in store._files.values()
             for m in versions.values() for b in m.values()}
 
 
@@ -50,13 +51,32 @@ def disk_state(store: BlockStore) -> dict[str, int]:
     return out
 
 
+def du(path: Path) -> int:
+    """Disk usage of `path` and everything below it, as du counts it."""
+    total = os.lstat(path).st_blocks * 512
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
 def assert_consistent(store: BlockStore) -> None:
+    """Index == disk, and what the store counts == what du counts (at rest)."""
     idx, disk = index_state(store), disk_state(store)
-    assert idx == disk
-    assert store.stats.bytes_used == sum(disk.values())
+    assert set(idx) == set(disk)
+    assert {k for k, hole in idx.items() if hole >= 0} == \
+        {k for k, n in disk.items() if n == blocks_mod._HOLE_SIZE}
+    assert store.stats.bytes_used == du(store.directory)
     assert store.stats.blocks == len(disk)
     assert store._lru_bytes == sum(b.size for b in store._lru)
-    assert not store._busy and not store._writing
+    assert not store._doomed and store._writing is None
+
+
+def room_for(store: BlockStore, n: int, size: int = BS) -> int:
+    """A size limit that holds what `store` has besides blocks and `n` blocks of `size`."""
+    return (store.stats.meta_bytes + blocks_mod._CHANGE_SLACK + n * store.block_cost(size)
+            + 4096)
 
 
 def value_file(store: BlockStore, dkey: str) -> Path:
@@ -75,31 +95,33 @@ def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
 # -- basics ---------------------------------------------------------------------------
 
 
-async def test_round_trip_versions_invalidate(tmp_path: Path) -> None:
+async def test_round_trip_one_version_per_file(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "blocks")
-    for v in ("v1", "v2", "v3"):
-        for i in range(3):
-            assert await store.put("f", v, i, data_for("f", v, i))
-    assert await store.put("f", "v1", 7, b"tail")  # a short last block, kept inline
+    for i in range(3):
+        assert await store.put("f", "v1", i, data_for("f", "v1", i))
+    assert await store.put("f", "v1", 7, b"tail")  # a short last block
     assert await store.put("g", "v1", 0, b"")
-    for v in ("v1", "v2", "v3"):
-        for i in range(3):
-            assert await store.get("f", v, i) == data_for("f", v, i)
+    for i in range(3):
+        assert await store.get("f", "v1", i) == data_for("f", "v1", i)
     assert await store.get("f", "v1", 7) == b"tail"
     assert await store.get("g", "v1", 0) == b""
     assert await store.get("f", "v4", 0) is None
-    assert store.contains("f", "v2", 1) and not store.contains("f", "v2", 3)
+    assert store.contains("f", "v1", 1) and not store.contains("f", "v1", 3)
     assert store.cached_indexes("f", "v1") == {0, 1, 2, 7}
-    assert await store.get_many("f", "v2", [0, 2, 5]) == {
-        0: data_for("f", "v2", 0), 2: data_for("f", "v2", 2)}
+    assert await store.get_many("f", "v1", [0, 2, 5]) == {
+        0: data_for("f", "v1", 0), 2: data_for("f", "v1", 2)}
+    assert_consistent(store)
 
-    assert await store.invalidate("f", keep_version="v2") == 7
-    assert store.cached_indexes("f", "v1") == set() and store.cached_indexes("f", "v3") == set()
+    # A block of another version of the file drops every block of the old one.
+    assert await store.put("f", "v2", 1, data_for("f", "v2", 1))
+    assert store.cached_indexes("f", "v1") == set()
+    assert store.cached_indexes("f", "v2") == {1}
     assert await store.get("f", "v1", 0) is None
-    assert await store.get("f", "v2", 0) == data_for("f", "v2", 0)
-    assert await store.invalidate("f") == 3
+    assert_consistent(store)
+    assert await store.invalidate("f", keep_version="v2") == 0
+    assert await store.invalidate("f") == 1
     assert await store.evict_file("g") == 1
-    assert store.stats.blocks == 0 and store.stats.bytes_used == 0
+    assert store.stats.blocks == 0
     assert_consistent(store)
 
     # Overwrite replaces the stored block.
@@ -114,6 +136,50 @@ async def test_round_trip_versions_invalidate(tmp_path: Path) -> None:
     await store.close()
     with pytest.raises(BlockStoreError, match="closed"):
         await store.get("h", "v", 0)
+
+
+async def test_holes_cost_no_disk_and_no_read(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 14): blocks of sparse holes were stored as full blocks."""
+    path = tmp_path / "blocks"
+    store = await open_store(path, memory_cache=0)
+    base = du(path)
+    for i in range(20):
+        assert await store.put("sparse", "v", i, bytes(BS))
+    assert await store.put("sparse", "v", 20, bytes(1000))  # a short last hole
+    assert store.stats.holes == 21 and store.stats.blocks == 21
+    assert not list(path.rglob("*.val"))
+    assert du(path) - base < 64 << 10  # 21 rows in SQLite, not 1.3 MB of zeros
+    assert_consistent(store)
+
+    def no_reads(*args: object) -> object:
+        raise AssertionError("a hole was read from the disk")
+
+    monkeypatch.setattr(blocks_mod._Backend, "read", no_reads)
+    assert await store.get("sparse", "v", 3) == bytes(BS)
+    assert await store.get_range("sparse", "v", 20, 900, 500) == bytes(100)
+    assert await store.get_many("sparse", "v", [0, 20]) == {0: bytes(BS), 20: bytes(1000)}
+    monkeypatch.undo()
+    await store.close()
+    store = await open_store(path)  # holes survive a remount
+    assert store.stats.holes == 21
+    assert await store.get("sparse", "v", 20) == bytes(1000)
+    assert_consistent(store)
+    await store.close()
+
+
+async def test_discard_drops_from_the_index_at_once(tmp_path: Path) -> None:
+    store = await open_store(tmp_path / "blocks")
+    for i in range(4):
+        await store.put("f", "v", i, data_for("f", "v", i))
+    assert store.discard("f") == 4  # synchronous: no await between it and a get
+    assert await store.get("f", "v", 0) is None
+    assert len(disk_state(store)) == 4  # still on disk, counted
+    assert store.stats.bytes_used == du(store.directory)
+    await store.purge()
+    assert disk_state(store) == {}
+    assert_consistent(store)
+    await store.close()
 
 
 async def test_get_range(tmp_path: Path) -> None:
@@ -203,9 +269,10 @@ async def test_corrupt_range_read(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     await store.close()
 
 
-async def test_corrupt_inline_values(tmp_path: Path, caplog: pytest.LogCaptureFixture,
-                                     allow_log_warnings: None) -> None:
-    """Damaged values inside SQLite, written through diskcache's own API."""
+async def test_corrupt_values_behind_our_back(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture,
+                                              allow_log_warnings: None) -> None:
+    """Damaged values (in SQLite or files), written through diskcache's own API."""
     store = await open_store(tmp_path / "blocks", memory_cache=0)
     for i in range(5):
         await store.put("f", "v", i, data_for("f", "v", i, 3000))
@@ -256,8 +323,8 @@ async def test_read_io_error_is_a_miss(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 async def test_eviction_keeps_limit(tmp_path: Path) -> None:
-    limit = 10 * stored_size(BS) + 1000
-    store = await open_store(tmp_path / "blocks", limit)
+    store = await open_store(tmp_path / "blocks")
+    limit = store.size_limit = room_for(store, 10)
     rng = random.Random(1)
     for n in range(120):
         size = rng.choice([BS, BS, 100, 40000])
@@ -268,7 +335,7 @@ async def test_eviction_keeps_limit(tmp_path: Path) -> None:
     assert store.stats.evicted_bytes > 0
     assert_consistent(store)
     # Lowering the limit takes effect with trim().
-    store.size_limit = 3 * stored_size(BS)
+    store.size_limit = room_for(store, 3)
     await store.trim()
     assert store.stats.bytes_used <= store.size_limit
     assert_consistent(store)
@@ -279,7 +346,8 @@ async def test_eviction_keeps_limit(tmp_path: Path) -> None:
 
 
 async def test_lru_order(tmp_path: Path) -> None:
-    store = await open_store(tmp_path / "blocks", 10 * stored_size(BS))
+    store = await open_store(tmp_path / "blocks")
+    store.size_limit = room_for(store, 10)
     for i in range(10):
         await store.put("f", "v", i, data_for("f", "v", i))
     assert await store.get("f", "v", 0) is not None  # a hit counts as a use
@@ -295,7 +363,8 @@ async def test_lru_order(tmp_path: Path) -> None:
 
 async def test_pinned_blocks_survive(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                      allow_log_warnings: None) -> None:
-    store = await open_store(tmp_path / "blocks", 6 * stored_size(BS))
+    store = await open_store(tmp_path / "blocks")
+    store.size_limit = room_for(store, 6)
     store.pin("p")
     for i in range(3):
         await store.put("p", "v", i, data_for("p", "v", i))
@@ -324,23 +393,45 @@ async def test_pinned_blocks_survive(tmp_path: Path, caplog: pytest.LogCaptureFi
     await store.close()
 
 
+async def test_pins_reserve_room_within_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "blocks"
+    store = await open_store(path)
+    store.size_limit = room_for(store, 6) + 8192  # (+ the pin list's own file)
+    store.pin("a", 4 * store.block_cost(BS))
+    with pytest.raises(PinError, match="cache_size"):
+        store.pin("b", 3 * store.block_cost(BS))  # 7 blocks into room for 6
+    with pytest.raises(PinError):
+        store.check_pins({"b": store.block_cost(BS), "c": 2 * store.block_cost(BS)})
+    store.check_pins({"b": 2 * store.block_cost(BS)})
+    store.pin("b", 2 * store.block_cost(BS))
+    assert store.pinned() == {"a", "b"}
+    store.unpin("a")
+    store.pin("c", 3 * store.block_cost(BS))
+    await store.close()
+    store = await open_store(path)  # reservations persist
+    assert store._pins == {"b": 2 * store.block_cost(BS), "c": 3 * store.block_cost(BS)}
+    await store.close()
+
+
 # -- persistence ----------------------------------------------------------------------
 
 
 async def test_persistence_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "cache" / "blocks"
-    store = await open_store(path, 8 * stored_size(BS) + 1000)
+    store = await open_store(path)
     for i in range(8):
         await store.put("f", "v", i, data_for("f", "v", i))
     await store.put("s", "v", 0, b"small block")
     store.pin("s")
+    # Just room for these nine blocks.
+    limit = store.stats.bytes_used + blocks_mod._CHANGE_SLACK + 8192
     for i in (3, 1, 0):  # recency: 2 4 5 6 7 3 1 0 are the unpinned, oldest first
         assert await store.get("f", "v", i) is not None
     with pytest.raises(BlockStoreError, match="in use"):
         await open_store(path)
     await store.close()
 
-    store = await open_store(path, 8 * stored_size(BS) + 1000)
+    store = await open_store(path, limit)
     assert store.pinned() == {"s"}
     assert store.stats.blocks == 9
     for i in range(8):
@@ -352,7 +443,7 @@ async def test_persistence_across_reopen(tmp_path: Path) -> None:
     await store.close()
 
     # Recency and pins survive a clean remount: the least recently used go first.
-    store = await open_store(path, 8 * stored_size(BS) + 1000, memory_cache=0)
+    store = await open_store(path, limit, memory_cache=0)
     for i in (2, 4):
         await store.put("g", "v", i, data_for("g", "v", i))
     assert store.cached_indexes("f", "v") == {2, 3, 4, 5, 6, 7}
@@ -362,13 +453,13 @@ async def test_persistence_across_reopen(tmp_path: Path) -> None:
 
     # After a crash (no close), recency falls back to store order (and what the
     # last clean close saved).
-    store = await open_store(path, 8 * stored_size(BS) + 1000)
+    store = await open_store(path, limit)
     await store.put("g", "v", 5, data_for("g", "v", 5))  # evicts f/v/2, saved as oldest
     assert store._backend is not None
     backend, store._backend = store._backend, None
     backend.cache.close()
     os.close(backend.lock_fd)
-    store = await open_store(path, 8 * stored_size(BS) + 1000)
+    store = await open_store(path, limit)
     assert store.cached_indexes("f", "v") == {3, 4, 5, 6, 7}
     assert store.cached_indexes("g", "v") == {2, 4, 5}
     assert_consistent(store)
@@ -475,9 +566,9 @@ async def test_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 async def test_concurrent_operations_keep_the_index_exact(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, allow_log_warnings: None) -> None:
-    limit = 12 * stored_size(BS)
-    store = await open_store(tmp_path / "blocks", limit, memory_cache=2 * BS,
+    store = await open_store(tmp_path / "blocks", memory_cache=2 * BS,
                              limiter=trio.CapacityLimiter(6))
+    limit = store.size_limit = room_for(store, 12)
     rng = random.Random(7)
     files = ["a", "b", "c"]
 
@@ -508,6 +599,7 @@ async def test_concurrent_operations_keep_the_index_exact(
     async with trio.open_nursery() as nursery:
         for n in range(16):
             nursery.start_soon(worker, rng.randrange(1 << 30) + n)
+    await store.purge()  # (of blocks dropped by cancelled invalidates)
     assert_consistent(store)
     assert store.stats.puts > 0 and store.stats.hits > 0
     # Pinned files may fill this small cache; nothing else may be logged.
@@ -515,18 +607,75 @@ async def test_concurrent_operations_keep_the_index_exact(
     await store.close()
 
 
-async def test_put_racing_invalidate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An invalidate while the put's write is in its thread: the block must not stay."""
+async def test_hard_cap_holds_under_concurrent_writers(tmp_path: Path) -> None:
+    """Regression (issue 14: 11 GiB in a 10 GiB cache): what du counts below the
+    directory, SQLite and rounding included, never exceeds the limit, sampled while
+    32 writers put random blocks (holes, short blocks, two versions), invalidate and
+    pin, and after."""
+    path = tmp_path / "blocks"
+    cap = 4 << 20
+    store = await open_store(path, cap, memory_cache=BS)
+    stop = threading.Event()
+    samples: list[int] = []
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(du(path))
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+
+    async def writer(seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(60):
+            fk = f"f{r.randrange(12)}"
+            op = r.random()
+            if op < 0.85:
+                size = r.choice([BS, BS, BS, 40_000, 3000, 100])
+                data = bytes(size) if r.random() < 0.15 else r.randbytes(size)
+                await store.put(fk, "v2" if r.random() < 0.03 else "v1", r.randrange(24), data)
+            elif op < 0.92:
+                await store.put("p", "v1", r.randrange(8), r.randbytes(BS))  # pinned, or not
+            elif op < 0.96:
+                await store.invalidate(fk, keep_version="v1")
+            elif op < 0.98:
+                store.pin("p", 8 * store.block_cost(BS))
+            else:
+                store.unpin("p")
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(32):
+                nursery.start_soon(writer, n)
+    finally:
+        stop.set()
+        await trio.to_thread.run_sync(sampler.join)
+    peak = max(samples)
+    print(f"\nhard cap {cap} bytes: {len(samples)} du samples during {store.stats.puts} puts "
+          f"({store.stats.evictions} evictions, {store.stats.holes} holes): peak {peak}, "
+          f"after {du(path)}")
+    assert len(samples) > 50 and store.stats.puts > 1000 and store.stats.evictions > 100
+    assert peak <= cap
+    await store.purge()
+    assert_consistent(store)
+    assert du(path) <= cap
+    await store.close()
+    assert du(path) <= cap
+
+
+async def test_put_racing_discard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A discard while the put's write is in its thread: the block must not stay."""
     store = await open_store(tmp_path / "blocks")
     started, release = threading.Event(), threading.Event()
-    real_write = blocks_mod._Backend.write
+    real_change = blocks_mod._Backend.change
 
-    def slow_write(self: blocks_mod._Backend, *args: object) -> object:
+    def slow_change(self: blocks_mod._Backend, *args: object) -> object:
         started.set()
         release.wait(10)
-        return real_write(self, *args)  # type: ignore[arg-type]
+        return real_change(self, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(blocks_mod._Backend, "write", slow_write)
+    monkeypatch.setattr(blocks_mod._Backend, "change", slow_change)
     results: list[bool] = []
 
     async def putter() -> None:
@@ -537,10 +686,14 @@ async def test_put_racing_invalidate(tmp_path: Path, monkeypatch: pytest.MonkeyP
         await trio.to_thread.run_sync(started.wait, 10)
         assert not store.contains("f", "old", 0)  # being written: not readable yet
         assert await store.get("f", "old", 0) is None
-        assert await store.invalidate("f", keep_version="new") == 0
+        assert store.discard("f", keep_version="new") == 0
         release.set()
     assert results == [False]
     assert not store.contains("f", "old", 0)
+    await store.purge()
+    assert_consistent(store)
+    # A put whose `valid` says no by its turn stores nothing.
+    assert not await store.put("f", "new", 0, data_for("f", "new", 0), valid=lambda: False)
     assert_consistent(store)
     await store.close()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Export, MountFactory
+from tests.conftest import Export, MountFactory, wait_until
 
 MiB = 1 << 20
 
@@ -108,6 +108,23 @@ def test_eviction_keeps_the_cache_under_its_limit(export: Export,
     assert blocks["puts"] + blocks["put_failures"] == 12
     assert blocks["bytes_used"] <= 6 * MiB
     assert blocks["evictions"] >= 4
+
+
+def test_sparse_file_costs_no_cache_disk(export: Export, mount_factory: MountFactory) -> None:
+    """Regression (issue 14): blocks of sparse holes filled the cache disk."""
+    with (export.path / "sparse").open("wb") as f:
+        f.seek(16 * MiB)
+        f.write(b"end")
+    m = mount_factory(["block_size=1M", "cache_size=8M"])
+    assert (m.mountpoint / "sparse").read_bytes() == bytes(16 * MiB) + b"end"
+    assert wait_until(lambda: stats(m)["blocks"]["puts"] >= 17, 10)
+    blocks = stats(m)["blocks"]
+    assert blocks["holes"] == 16 and blocks["blocks"] == 17 and blocks["evictions"] == 0
+    assert blocks["bytes_used"] < MiB      # 16 rows and one 4 KiB file, not 16 MiB
+    m.drop_kernel_caches()
+    m.reset_rpc_calls()
+    assert (m.mountpoint / "sparse").read_bytes() == bytes(16 * MiB) + b"end"
+    assert m.rpc_calls()["READ"] == 0
 
 
 def test_change_on_the_server_invalidates_blocks(export: Export,

@@ -224,9 +224,12 @@ def test_pinned_files_stay_cached_and_fresh(mount_factory: MountFactory,
     assert cached(m, "keep")["pinned"] is False
     ok_json("evict", str(m.mountpoint / "keep"))
     assert cached(m, "keep")["cached_blocks"] == 0
-    human = wancache("pin", str(m.mountpoint / "others"))
+    # Pins count against the cache's size: 8 MiB do not fit a 4 MiB cache.
+    assert "cache_size 4 MiB" in one_line_error(wancache("pin", str(m.mountpoint / "others")))
+    assert ok_json("pin")[str(m.mountpoint)] == []
+    human = wancache("pin", str(m.mountpoint / "others" / "o1"))
     assert human.returncode == 0 and human.stdout.startswith(
-        f"pinned {m.mountpoint / 'others'}: 8 files")
+        f"pinned {m.mountpoint / 'others' / 'o1'}: 1 files")
     assert "No such file or directory" in one_line_error(
         wancache("pin", str(m.mountpoint / "nope")))
 

@@ -14,30 +14,25 @@ Commands (`{"cmd": NAME, ...}`, see `wancache.control` for the protocol):
 
 Paths are resolved by walking the store from the mount's root (never through the
 mount point itself: the daemon asking its own FUSE file system would deadlock).
-Pinned files are never evicted from the block cache and are kept fresh: every
-`PIN_REFRESH` seconds their attributes are checked (within their lease) and blocks
-missing from the cache, those of a changed file included, are read again.
+Pinning itself (`wancache.cache.pins`) reaches the store through `StoreFiles`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from wancache import metrics
-from wancache.cache.attrs import data_version
 from wancache.cache.blocks import BlockStore
 from wancache.cache.node import Node
+from wancache.cache.pins import PinKeeper, PinTarget
 from wancache.cache.store import Store
 from wancache.components import Components
 from wancache.control import Handler, Progress, mount_label
@@ -50,9 +45,6 @@ from wancache.nfs_backend.transport import Cred
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 0.5       # seconds between progress lines
-PIN_REFRESH = 30.0         # seconds between freshness checks of pinned files
-FETCH_CONCURRENCY = 8      # blocks of a pinned file read at once
-PINS_FILE = "pinned-paths.json"
 ROOT = Cred.root()
 
 
@@ -81,131 +73,23 @@ def _relpath(req: dict[str, Any]) -> str:
     return "/".join(parts)
 
 
-class PinKeeper:
-    """Pinned files by path: pins them in the block cache, fetches their blocks and
-    keeps them fresh.  Paths (file key -> path) persist in cache_dir."""
+class StoreFiles:
+    """`PinFiles` over the mount's store (paths walked from its root)."""
 
-    def __init__(self, store: Store, blocks: BlockStore, cache_dir: Path | None) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
-        self.blocks = blocks
-        self.file = cache_dir / PINS_FILE if cache_dir is not None else None
-        self.paths: dict[str, str] = {}
-        self._load()
 
-    def _load(self) -> None:
-        if self.file is None or not self.file.exists():
-            return
-        try:
-            loaded = json.loads(self.file.read_text())
-        except (OSError, ValueError) as exc:
-            log.warning("cannot read the pinned paths in %s (%s); they are not refreshed",
-                        self.file, exc)
-            return
-        if isinstance(loaded, dict):
-            pinned = self.blocks.pinned()
-            self.paths = {k: v for k, v in loaded.items()
-                          if isinstance(k, str) and isinstance(v, str) and k in pinned}
+    @property
+    def offline(self) -> bool:
+        return self.store.offline
 
-    def save(self) -> None:
-        if self.file is None:
-            return
-        tmp = self.file.with_suffix(".tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.paths, f)
-            os.replace(tmp, self.file)
-        except OSError as exc:
-            log.warning("cannot save the pinned paths in %s: %s", self.file, exc)
+    async def resolve(self, path: str) -> PinTarget:
+        node = await resolve(self.store, path)
+        return PinTarget(node.key, await self.store.server_attrs(node, ROOT), node)
 
-    def pin(self, node: Node, path: str) -> None:
-        self.blocks.pin(node.key)
-        self.paths[node.key] = path
-
-    def unpin(self, key: str) -> None:
-        self.blocks.unpin(key)
-        self.paths.pop(key, None)
-
-    def cached(self, node: Node, attrs: Fattr3) -> tuple[int, int]:
-        """(blocks cached, blocks in the file) for the file's current version."""
-        bs = self.store.cfg.block_size
-        total = (attrs.size + bs - 1) // bs
-        have = self.blocks.cached_indexes(node.key, data_version(attrs))
-        return len([i for i in have if i < total]), total
-
-    async def fetch(self, node: Node, attrs: Fattr3) -> int:
-        """Read the blocks of `node` missing from the cache; the bytes read."""
-        bs = self.store.cfg.block_size
-        total = (attrs.size + bs - 1) // bs
-        have = self.blocks.cached_indexes(node.key, data_version(attrs))
-        missing = [i for i in range(total) if i not in have]
-        got = [0]
-        failed: list[Exception] = []
-        limiter = trio.CapacityLimiter(FETCH_CONCURRENCY)
-        cred = ROOT
-
-        async def read(idx: int) -> bytes:
-            nonlocal cred
-            try:
-                return await self.store.read(node, idx * bs, bs, cred)
-            except NfsError as exc:
-                if exc.errno not in (errno.EACCES, errno.EPERM) or cred != ROOT:
-                    raise
-                # A server squashing root: read as the file's owner.
-                cred = Cred(attrs.uid, attrs.gid, (attrs.gid,))
-                return await self.store.read(node, idx * bs, bs, cred)
-
-        async def one(idx: int) -> None:
-            async with limiter:
-                if failed:
-                    return
-                try:
-                    got[0] += len(await read(idx))
-                except Exception as exc:   # raised below, outside the nursery's group
-                    failed.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for idx in missing:
-                nursery.start_soon(one, idx)
-        if failed:
-            raise failed[0]
-        return got[0]
-
-    async def refresh(self) -> dict[str, int]:
-        """One round: every pinned path checked, what changed or is missing fetched."""
-        checked = fetched = gone = 0
-        if self.store.offline:
-            return {"checked": 0, "fetched": 0, "gone": 0}
-        for key, path in list(self.paths.items()):
-            try:
-                node = await resolve(self.store, path)
-                attrs = await self.store.server_attrs(node, ROOT)
-                if node.key != key:        # replaced by another file of that name
-                    self.unpin(key)
-                    self.pin(node, path)
-                    self.save()
-                fetched += await self.fetch(node, attrs)
-                checked += 1
-            except NfsError as exc:
-                if exc.errno == errno.ENOENT:
-                    log.info("pinned file %s is gone; unpinned", path)
-                    self.unpin(key)
-                    self.save()
-                    gone += 1
-                else:
-                    log.debug("refreshing pinned file %s failed: %s", path, exc)
-            except (TransportError, OSError) as exc:
-                log.debug("refreshing pinned file %s failed: %s", path, exc)
-        return {"checked": checked, "fetched": fetched, "gone": gone}
-
-    async def run(self) -> None:
-        """Refresh every PIN_REFRESH seconds (start in the mount's nursery)."""
-        while True:
-            await trio.sleep(PIN_REFRESH)
-            try:
-                await self.refresh()
-            except Exception as exc:   # a background helper must never take the mount down
-                log.debug("refreshing pinned files failed: %s", exc)
+    async def read(self, target: PinTarget, offset: int, size: int, cred: Cred) -> bytes:
+        assert isinstance(target.handle, Node)
+        return await self.store.read(target.handle, offset, size, cred)
 
 
 async def resolve(store: Store, path: str) -> Node:
@@ -254,7 +138,7 @@ class Handlers:
         self.blocks = data.blocks if data is not None else None
         self.pins: PinKeeper | None = None
         if self.blocks is not None:
-            self.pins = PinKeeper(self.store, self.blocks, self.cfg.cache_dir)
+            self.pins = PinKeeper(StoreFiles(self.store), self.blocks, self.cfg.cache_dir)
             self.store.nursery.start_soon(self.pins.run)
 
     def table(self) -> dict[str, Handler]:
@@ -389,17 +273,18 @@ class Handlers:
         files = await regular_files(self.store, await resolve(self.store, path), path)
         began = trio.current_time()
         done = {"files": 0, "of": len(files), "bytes": 0, "fetched": 0}
-        skipped: list[str] = []
+        # Not on the server yet: nothing to cache.
+        skipped = [fpath for node, _, fpath in files if node.is_local]
+        targets = [(PinTarget(node.key, attrs, node), fpath)
+                   for node, attrs, fpath in files if not node.is_local]
+        pins.check([t for t, _ in targets])     # all or nothing: PinError if too big
 
         async def work() -> None:
-            for node, attrs, fpath in files:
-                if node.is_local:
-                    skipped.append(fpath)   # not on the server yet: nothing to cache
-                    continue
-                pins.pin(node, fpath)
-                done["fetched"] += await pins.fetch(node, attrs)
+            for target, fpath in targets:
+                pins.pin(target, fpath)
+                done["fetched"] += await pins.fetch(target)
                 done["files"] += 1
-                done["bytes"] += attrs.size
+                done["bytes"] += target.attrs.size
             pins.save()
 
         await _ticking(work, lambda: dict(done), progress)
@@ -443,7 +328,7 @@ class Handlers:
         path = _relpath(req)
         node = await resolve(self.store, path)
         attrs = await self.store.server_attrs(node, ROOT)
-        have, total = pins.cached(node, attrs)
+        have, total = pins.cached(PinTarget(node.key, attrs, node))
         return {"path": path, "size": attrs.size, "blocks": total, "cached_blocks": have,
                 "pinned": node.key in blocks.pinned()}
 
@@ -456,7 +341,7 @@ class Handlers:
                 node = await resolve(self.store, path)
                 attrs = self.store.attrs.peek(node.fh)
                 if attrs is not None and node.key == key:
-                    have, total = pins.cached(node, attrs.attrs)
+                    have, total = pins.cached(PinTarget(key, attrs.attrs, node))
                     entry.update(size=attrs.attrs.size, blocks=total, cached_blocks=have)
             out.append(entry)
         return out

@@ -179,6 +179,7 @@ async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = N
         flusher.hooks = wb.hooks(dir_changed=own.dir_changed, own_dir=own.own_dir,
                                  file_changed=own.file_changed)
         wb.read_server = store.read_server
+        wb.read_cached = store.read_cached
         wb.settled = lambda node, local: own.times.keep(node.fh, local)
         wb.shown = lambda node, server: own.times.show(node.fh, server)
         await wb.replay()

@@ -143,7 +143,7 @@ class FlushHooks:
     read_data: Callable[[int, int, int], Awaitable[bytes]]        # (seq, skip, length)
     server_size: Callable[[Node], int]      # server's size under the node's pending data
     local_attrs: Callable[[Node], Fattr3]   # attributes as users here see them
-    read_local: Callable[[Node, int, int], Awaitable[bytes]]      # the file as seen here
+    read_ours: Callable[[Node, int, int], Awaitable[bytes]]       # the file, our version
     bound: Callable[[Node, bytes, Fattr3], Awaitable[None]]       # created on the server
     renamed: Callable[[Node, bytes], None]  # our new node lost its name to another's
     done: Callable[[list[Change], Outcome], None]
@@ -929,7 +929,7 @@ class Flusher:
         assert fh is not None
         wsize = self.client.info.wsize
         for start in range(0, attrs.size, wsize):
-            data = await self._h.read_local(node, start, min(wsize, attrs.size - start))
+            data = await self._h.read_ours(node, start, min(wsize, attrs.size - start))
             await self._write_all(fh, start, data, cred)
         return Outcome(conflict=True)
 

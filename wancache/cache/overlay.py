@@ -191,6 +191,7 @@ class NodeOverlay:
     entries: dict[bytes, Node | None] = field(default_factory=dict)   # dirs: names
     entry_seq: dict[bytes, int] = field(default_factory=dict)
     base_version: str | None = None   # content version our changes apply to (conflicts)
+    base_data: str = ""               # the data version (block keys) they apply to
     target: bytes = b""               # symlinks created here
     seqs: set[int] = field(default_factory=set)   # records of this node not yet done
 

@@ -828,8 +828,23 @@ class Store:
         return await self._read_server(node, offset, size, cred, None, direct)
 
     async def read_server(self, node: Node, offset: int, size: int) -> bytes:
-        """The server's bytes of `node` (for conflict copies and lost+found)."""
+        """The server's bytes of `node` (for lost+found)."""
         return await self._read_server(node, offset, size, Cred.root(), None, False)
+
+    async def read_cached(self, node: Node, version: str, offset: int,
+                          size: int) -> bytes | None:
+        """`node`'s bytes as of `version` from the block cache, None if it has not all
+        of them (a conflict copy: the server's bytes are another client's now)."""
+        blocks = self.data.blocks if self.data is not None else None
+        bs = self.cfg.block_size
+        parts: list[bytes] = []
+        for idx in range(offset // bs, (offset + size + bs - 1) // bs):
+            block = await blocks.get(node.key, version, idx) if blocks is not None else None
+            if block is None:
+                return None
+            parts.append(block)
+        start = offset - (offset // bs) * bs
+        return b"".join(parts)[start:start + size]
 
     async def _read_server(self, node: Node, offset: int, size: int, cred: Cred,
                            ra: ReadAhead | None, direct: bool) -> bytes:
@@ -844,6 +859,7 @@ class Store:
                     return await self.data.read(node, attrs, offset, size, cred, ra)
                 except VersionChanged:
                     log.debug("%r changed on the server while reading; again", node.path())
+                    self.attrs.expire(node.fh)
         return await self._read_through(node, offset, size, cred)
 
     def _read_siblings_ahead(self, parent: Node, cred: Cred) -> None:

@@ -25,6 +25,7 @@ data stays in the journal) and rebuilds the overlay and the flusher's queue.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import secrets
@@ -42,7 +43,7 @@ from wancache.creds import Cred
 from wancache.nfs_backend.errors import NfsError, TransportError
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime
 
-from .attrs import AttrCache, content_version
+from .attrs import AttrCache, content_version, data_version
 from .flusher import NOW, Change, Flusher, FlushHooks, Outcome, Unresolvable
 from .journal import Journal
 from .node import Node, local_fh
@@ -82,6 +83,7 @@ class WriteBack:
         # to do when a node's changes are all on the server, and how the server's
         # attributes are shown here (the times of our own changes kept).
         self.read_server: ReadServer | None = None
+        self.read_cached: Callable[[Node, str, int, int], Awaitable[bytes | None]] | None = None
         self.settled: Callable[[Node, Fattr3], None] = lambda node, attrs: None
         self.shown: Callable[[Node, Fattr3], Fattr3] = lambda node, attrs: attrs
         self._failures: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
@@ -97,7 +99,8 @@ class WriteBack:
     def hooks(self, **others: Any) -> FlushHooks:
         """The flusher's hooks this layer answers (the caches' come in `others`)."""
         return FlushHooks(read_data=self.journal.read, server_size=self._server_size,
-                          local_attrs=self.attrs_of, read_local=self._read_local,
+                          local_attrs=self.attrs_of,
+                          read_ours=functools.partial(self._read_local, ours_only=True),
                           bound=self._bound, renamed=self._renamed, done=self._done,
                           lost=self._lost, **others)
 
@@ -151,11 +154,28 @@ class WriteBack:
                 parts.append(await self.journal.read(piece.source, piece.skip, piece.length))
         return b"".join(parts)
 
-    async def _read_local(self, node: Node, offset: int, size: int) -> bytes:
+    async def _read_local(self, node: Node, offset: int, size: int, *,
+                          ours_only: bool = False) -> bytes:
+        """The file as users here see it; `ours_only` (a conflict copy): server bytes
+        only of the version our changes apply to, from the block cache (zeros where it
+        has none: the server's are another client's now)."""
         ov = self.overlay.get(node)
-        if ov is not None and ov.file is not None:
+        if ov is None or ov.file is None:
+            return await self._read_server(node, offset, size)
+        if not ours_only:
             return await self.read(node, offset, size, self._read_server)
-        return await self._read_server(node, offset, size)
+        version = ov.base_data
+
+        async def base(node: Node, offset: int, size: int) -> bytes:
+            got = await self.read_cached(node, version, offset, size) \
+                if self.read_cached is not None and version else None
+            if got is None:
+                log.warning("conflict copy of %r: bytes we never read are zeros in it",
+                            node.path())
+                return bytes(size)
+            return got
+
+        return await self.read(node, offset, size, base)
 
     async def _read_server(self, node: Node, offset: int, size: int) -> bytes:
         if node.is_local or self.read_server is None:
@@ -427,11 +447,17 @@ class WriteBack:
         return self._change(op, node, parent=src, name=op.name, parent2=dst, name2=op.name2,
                             replaced=replaced)
 
+    def _base(self, node: Node, ov: NodeOverlay, base: str) -> None:
+        """Our data changes to a server file start: remember what they apply to."""
+        if ov.base_version is None and base:
+            ov.base_version = base
+            entry = self.attrs.peek(node.fh)
+            ov.base_data = data_version(entry.attrs) if entry is not None else ""
+
     def _apply_write(self, op: Op, now: NfsTime) -> Change:
         node = self._node(op.node)
         ov = self._touch(node, now, op.seq, mtime=now)
-        if ov.base_version is None and op.base:
-            ov.base_version = op.base
+        self._base(node, ov, op.base)
         file_op = FileOp(op.seq, op.offset, op.data_len, op.data_skip)
         file = ov.add_file_op(file_op, ov.attrs.size)
         ov.attrs = replace(ov.attrs, size=file.size, used=max(ov.attrs.used, file.size))
@@ -447,8 +473,7 @@ class WriteBack:
         ov = self._touch(node, now, op.seq, **changes)
         file_op = None
         if "size" in a:
-            if ov.base_version is None and op.base:
-                ov.base_version = op.base
+            self._base(node, ov, op.base)
             file_op = FileOp(op.seq, a["size"])
             ov.add_file_op(file_op, ov.attrs.size)
             ov.attrs = replace(ov.attrs, size=a["size"])
