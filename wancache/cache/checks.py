@@ -1,80 +1,97 @@
-"""The checks a local file system makes at the system call, made before a change is
-acknowledged (with write-back the server sees it only later, when the caller can
-no longer be told).  The rules themselves are in posix.py; this module applies them
-to the store's requests and to NFSv3's limits.
+"""The checks a local file system makes at the system call, applied to the store's
+requests before it acknowledges them (with write-back the server sees a change only
+later, when the caller can no longer be told).  The rules are posix.py's; this
+module feeds them the store's view of a file and NFSv3's limits.
 """
 
 from __future__ import annotations
 
-import errno
+import stat
+import time
 from dataclasses import dataclass
 
 from wancache.creds import Cred
 
+from . import posix
 from .types import NOW, AttrChange
 
-NOW_FIELD = -1                 # a time field meaning "now", as journaled
-U32_SECONDS = (1 << 32) - 1    # NFSv3 carries seconds as an unsigned 32-bit number
-PATH_MAX = 4096
+NOW_FIELD = -1                 # a time field meaning "now", as journaled and sent
 
 
 @dataclass(frozen=True, slots=True)
 class FileState:
-    """What the rules need of a file: st_mode (type and permission bits), owner."""
+    """What the rules need of a file: st_mode (type and permission bits), owner, size."""
 
     mode: int
     uid: int
     gid: int
+    size: int = 0
 
 
-def clamp_time(ns: int) -> int:
-    """A time NFSv3 can carry: seconds within 0 .. 2**32-1 (as the Linux NFS client's
-    VFS does with s_time_min/s_time_max)."""
-    return min(max(ns, 0), U32_SECONDS * 1_000_000_000 + 999_999_999)
+def _inode(f: FileState) -> posix.Inode:
+    return posix.Inode(f.mode, f.uid, f.gid, f.size)
 
 
-def file_size(size: int, max_size: int) -> None:
-    if size > max_size:
-        raise OSError(errno.EFBIG, "file too large for the server")
-
-
-def symlink_target(target: bytes) -> None:
-    if len(target) >= PATH_MAX:
-        raise OSError(errno.ENAMETOOLONG, "symlink target too long")
+def _caller(cred: Cred) -> posix.Caller:
+    return posix.Caller(cred.uid, cred.gid, frozenset(cred.groups))
 
 
 def setattr_fields(f: FileState, change: AttrChange, cred: Cred, *,
-                   open_for_writing: bool, max_size: int) -> dict[str, int]:
-    """The fields to journal or send for `change` (times in ns, NOW_FIELD for now),
-    or OSError with the errno a local file system gives."""
-    root = cred.uid == 0
-    owner = root or cred.uid == f.uid
+                   fd_writable: bool | None, max_size: int) -> dict[str, int]:
+    """The fields to journal or send for `change` (times in ns, NOW_FIELD: the
+    server's clock), the setuid/setgid bits the change clears included; OSError with
+    the errno a local file system gives.  `fd_writable`: the change came through an
+    fd (ftruncate), opened for writing or not; None: by path."""
+    inode, caller = _inode(f), _caller(cred)
     fields: dict[str, int] = {}
+    if change.uid is not None or change.gid is not None:
+        after = posix.chown(inode, caller, change.uid, change.gid)
+        if change.uid is not None and after.uid != inode.uid:
+            fields["uid"] = after.uid
+        if change.gid is not None and (after.gid != inode.gid or "uid" in fields):
+            fields["gid"] = after.gid
+        inode = after
     if change.mode is not None:
-        if not owner:
-            raise OSError(errno.EPERM, "only the owner may change the mode")
-        mode = change.mode & 0o7777
-        if not root and not cred.in_group(f.gid):
-            mode &= ~0o2000
-        fields["mode"] = mode
-    if change.uid is not None and change.uid != f.uid:
-        if not root:
-            raise OSError(errno.EPERM, "only root may change the owner")
-        fields["uid"] = change.uid
-    if change.gid is not None and (change.gid != f.gid or "uid" in fields):
-        if not root and not (cred.uid == f.uid and cred.in_group(change.gid)):
-            raise OSError(errno.EPERM, "may not change the group to that one")
-        fields["gid"] = change.gid
+        inode = posix.Inode(posix.chmod(inode, caller, change.mode), inode.uid, inode.gid,
+                            inode.size)
     if change.size is not None:
-        file_size(change.size, max_size)
+        mode = posix.truncate(inode, caller, change.size, fd_writable=fd_writable,
+                              max_size=max_size)
+        inode = posix.Inode(mode, inode.uid, inode.gid, change.size)
         fields["size"] = change.size
-    for name in ("atime", "mtime"):
-        value = getattr(change, name)
-        # pyfuse3 hands us UTIME_NOW as the current time; the kernel lets a caller who
-        # is not the owner set times only to now (with write permission): so that is
-        # what such a caller asked for, and what the server allows a writer.
-        if value is NOW or (value is not None and not owner):
-            fields[name] = NOW_FIELD
-        elif isinstance(value, int):
-            fields[name] = clamp_time(value)
+    if stat.S_IMODE(inode.mode) != stat.S_IMODE(f.mode) or change.mode is not None:
+        fields["mode"] = stat.S_IMODE(inode.mode)
+    fields.update(_times(_inode(f), caller, change))
     return fields
+
+
+def _times(inode: posix.Inode, caller: posix.Caller, change: AttrChange) -> dict[str, int]:
+    if change.atime is None and change.mtime is None:
+        return {}
+    now = time.time_ns()
+    ns = {name: now if value is NOW else value
+          for name, value in (("atime", change.atime), ("mtime", change.mtime))
+          if value is not None}
+    t = posix.times_from_kernel(inode, caller, ns.get("atime"), ns.get("mtime"), now_ns=now)
+    out = {name: value for name, value in (("atime", t.atime), ("mtime", t.mtime))
+           if value is not None}
+    return dict.fromkeys(out, NOW_FIELD) if t.server_time else out
+
+
+def write_mode(f: FileState, cred: Cred) -> int | None:
+    """The mode a write by `cred` leaves (setuid/setgid cleared), if it changes it."""
+    mode = posix.killed_privs(_inode(f), _caller(cred))
+    return stat.S_IMODE(mode) if mode != f.mode else None
+
+
+def write_count(offset: int, count: int, max_size: int) -> int:
+    """How much of a write fits below the server's largest file (EFBIG if none)."""
+    return posix.write_count(offset, count, max_size)
+
+
+def symlink_target(target: bytes) -> None:
+    posix.check_symlink_target(target)
+
+
+def name(name: bytes, name_max: int) -> None:
+    posix.check_name(name, name_max)

@@ -41,7 +41,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
@@ -103,6 +103,7 @@ class Change:
     file_op: FileOp | None = None      # a write or truncate
     attrs: dict[str, int] = field(default_factory=dict)   # uid, gid, atime, mtime (NOW)
     mtime_after: int | None = None     # the file's mtime as users saw it after this
+    mode_after: int | None = None      # ... and its permission bits
     base: str = ""                     # content version the change applies to
     replayed: bool = False             # from before a restart: maybe on the server
 
@@ -811,46 +812,56 @@ class Flusher:
 
     async def _final_setattr(self, node: Node, changes: list[Change],
                              cred: Cred) -> tuple[Fattr3 | None, float]:
-        """One SETATTR with what the run changed: mode, owner, times.  The mtime the
-        application saw is restored as the file's owner (best effort)."""
-        mode: int | None = None
+        """One SETATTR with what the run changed: mode, owner, times.  What the server
+        may have changed by itself is put back as users here saw it, as the file's
+        owner: the mtime of our writes, setuid/setgid bits a WRITE cleared there."""
         owner: dict[str, int] = {}
         times: dict[str, int] = {}
-        restore: int | None = None
+        mode: int | None = None
         for c in changes:
-            if c.mode is not None:
-                mode = c.mode
+            mode = c.mode if c.mode is not None else mode
             owner.update({k: v for k, v in c.attrs.items() if k in ("uid", "gid")})
             times.update({k: v for k, v in c.attrs.items() if k in ("atime", "mtime")})
             if c.kind == "create":
                 times["atime"] = c.time_ns     # EXCLUSIVE kept its verifier there
-            if c.mtime_after is not None:
-                restore = c.mtime_after
-        may_set_times = cred.uid == 0 or cred.uid == self._h.local_attrs(node).uid
-        sattr = Sattr3(mode=mode, uid=owner.get("uid"), gid=owner.get("gid"),
-                       atime=_time(times.get("atime"), may_set_times),
-                       mtime=_time(restore if restore is not None else times.get("mtime"),
-                                   may_set_times))
+        mtime = next((c.mtime_after for c in reversed(changes) if c.mtime_after is not None),
+                     times.get("mtime"))
+        last_mode = changes[-1].mode_after
+        if mode is None and last_mode is not None and last_mode & 0o6000 and \
+                any(c.file_op is not None for c in changes):
+            mode = last_mode             # a WRITE may have cleared setuid/setgid there
+        may_set = cred.uid == 0 or cred.uid == self._h.local_attrs(node).uid
+        sattr = Sattr3(mode=mode if may_set else None, uid=owner.get("uid"),
+                       gid=owner.get("gid"), atime=_time(times.get("atime"), may_set),
+                       mtime=_time(mtime, may_set))
+        if owner and sattr.mode is not None and sattr.mode & 0o6000:
+            # A server applies a SETATTR's mode before its owner, and a chown clears
+            # setuid/setgid: the owner first, then the mode users here see.
+            await self._setattr(node, Sattr3(uid=sattr.uid, gid=sattr.gid), cred)
+            sattr = replace(sattr, uid=None, gid=None)
         sent = trio.current_time()
         after: Fattr3 | None = None
         if sattr != Sattr3():
             after = (await self._setattr(node, sattr, cred)).obj_wcc.after
-        if restore is not None and not may_set_times:
-            after, sent = await self._restore_mtime(node, restore, after, sent)
+        if not may_set and (mtime is not None or mode is not None):
+            after, sent = await self._restore(node, mtime, mode, after, sent)
         self._h.file_changed(node, after, sent)
         return after, sent
 
-    async def _restore_mtime(self, node: Node, mtime: int, after: Fattr3 | None,
-                             sent: float) -> tuple[Fattr3 | None, float]:
-        """Set the mtime users saw as the file's owner (a writer who is not the owner
-        may not set times on the server)."""
+    async def _restore(self, node: Node, mtime: int | None, mode: int | None,
+                       after: Fattr3 | None, sent: float) -> tuple[Fattr3 | None, float]:
+        """Set the mtime (and mode) users saw as the file's owner: a writer who is not
+        the owner may not set them on the server (best effort for the mtime)."""
         attrs = self._h.local_attrs(node)
         owner = Cred(attrs.uid, attrs.gid, (attrs.gid,))
+        sattr = Sattr3(mode=mode,
+                       mtime=NfsTime.from_ns(mtime) if mtime not in (None, NOW) else None)
         try:
             sent = trio.current_time()
-            res = await self._setattr(node, Sattr3(mtime=NfsTime.from_ns(mtime)), owner)
-            return res.obj_wcc.after, sent
+            return (await self._setattr(node, sattr, owner)).obj_wcc.after, sent
         except NfsError as exc:
+            if mode is not None:
+                raise
             log.debug("could not keep the mtime of %r: %s", node.path(), exc)
             return after, sent
 

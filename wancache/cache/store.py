@@ -425,16 +425,32 @@ class Store:
                 listener(parent, name)
 
     async def setattr(self, node: Node, change: AttrChange, cred: Cred, *,
-                      open_for_writing: bool = False) -> Attrs:
+                      fd_writable: bool | None = None) -> Attrs:
         """Change attributes, after the checks chmod, chown, truncate and utimensat
-        make on a local file system."""
+        make on a local file system (`fd_writable`: through an fd, see checks)."""
         current = await self._attrs(node, cred)     # the base the change applies to
-        fields = checks.setattr_fields(
-            checks.FileState(Attrs.of(current).mode, current.uid, current.gid), change, cred,
-            open_for_writing=open_for_writing, max_size=self.info.max_file_size)
-        if not fields:
-            return Attrs.of(current)
-        return Attrs.of(await self.writes.setattr(node, fields, cred))
+        fields = checks.setattr_fields(self._state(current), change, cred,
+                                       fd_writable=fd_writable,
+                                       max_size=self.info.max_file_size)
+        forced = {}
+        if "mode" in fields and cred.uid not in (0, current.uid):
+            forced["mode"] = fields.pop("mode")   # setuid/setgid a truncate cleared
+        if fields:
+            current = await self.writes.setattr(node, fields, cred)
+        if forced:
+            current = await self._force_mode(node, current, forced["mode"])
+        return Attrs.of(current)
+
+    async def _force_mode(self, node: Node, current: Fattr3, mode: int) -> Fattr3:
+        """Clear setuid/setgid as a write or truncate by someone else than the owner
+        does: the kernel needs no ownership for it, a server does (it is sent as the
+        owner's)."""
+        return await self.writes.setattr(node, {"mode": mode},
+                                         Cred(current.uid, current.gid, (current.gid,)))
+
+    @staticmethod
+    def _state(a: Fattr3) -> checks.FileState:
+        return checks.FileState(Attrs.of(a).mode, a.uid, a.gid, a.size)
 
     async def access(self, node: Node, mode: int, cred: Cred) -> bool:
         """access(2): may `cred` do `mode` (R_OK, W_OK, X_OK; F_OK: exists) to `node`?
@@ -492,8 +508,7 @@ class Store:
             raise
 
     def _check_name(self, name: bytes) -> None:
-        if len(name) > self.name_max:
-            raise StoreError(errno.ENAMETOOLONG, "name too long")
+        checks.name(name, self.name_max)
 
     async def _new(self, parent: Node, name: bytes, ftype: Ftype3, mode: int, cred: Cred, *,
                    exclusive: bool = True, target: bytes = b"",
@@ -919,13 +934,24 @@ class Store:
                     direct: bool = False) -> int:
         """Hand a write to the policy (EFBIG past the server's largest file);
         `direct` (O_DIRECT): wait until it is on the server."""
-        checks.file_size(offset + len(data), self.info.max_file_size)
-        if self.overlay.get(node) is None and not node.is_local:
-            await self._server_attrs(node, cred)   # the base our bytes go over
+        data = data[:checks.write_count(offset, len(data), self.info.max_file_size)]
+        current = await self._known_attrs(node, cred)   # the base our bytes go over
+        mode = checks.write_mode(self._state(current), cred)
+        if mode is not None:     # setuid/setgid the kernel left to us (O_DIRECT, ...)
+            await self._force_mode(node, current, mode)
         written = await self.writes.write(node, offset, data, cred)
         if direct:
             await self.fsync(node, cred)
         return written
+
+    async def _known_attrs(self, node: Node, cred: Cred) -> Fattr3:
+        """The attributes we have of `node`, however old (a write must not cost a
+        GETATTR); asked for only if we have none."""
+        ov = self.overlay.get(node)
+        if ov is not None:
+            return ov.attrs
+        entry = self.attrs.peek(node.fh)
+        return entry.attrs if entry is not None else await self._attrs(node, cred)
 
     async def fsync(self, node: Node, cred: Cred) -> None:
         """Wait until `node`'s changes are on the server (EIO if some never will)."""

@@ -374,6 +374,8 @@ class WriteBack:
         if change is None:
             return
         change.replayed = replaying
+        ov = self.overlay.get(change.node)
+        change.mode_after = ov.attrs.mode if ov is not None else None
         p = self.flusher.submit(change, delay=self.cfg.writeback_delay)
         if op.kind == "write" and not replaying:
             ov = self.overlay.get(change.node)

@@ -231,7 +231,7 @@ class Operations(pyfuse3.Operations):
         else:
             of = self._files.get(fh) if fh is not None else None
             attrs = await self.store.setattr(node, change, cred,
-                                             open_for_writing=of is not None and of.writable)
+                                             fd_writable=of.writable if of else None)
         return to_entry(inode, self._unlinked(node, attrs), self.store.attr_ttl(node))
 
     def _unlinked(self, node: Node, attrs: Attrs) -> Attrs:
@@ -388,8 +388,7 @@ class Operations(pyfuse3.Operations):
             # Close-to-open: every open sees what the last close on any client wrote.
             await self.store.getattr(node, of.cred, fresh=True)
         if flags & os.O_TRUNC:   # Linux truncates even when opened read-only
-            await self.store.setattr(node, AttrChange(size=0), of.cred,
-                                     open_for_writing=True)
+            await self.store.setattr(node, AttrChange(size=0), of.cred, fd_writable=True)
         return self._file_info(node, of)
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -402,8 +401,7 @@ class Operations(pyfuse3.Operations):
         node, attrs = await self.store.create(parent, name, mode & ~ctx.umask, cred,
                                               exclusive=bool(flags & os.O_EXCL))
         if flags & os.O_TRUNC and attrs.size:   # it existed after all (a racing creator)
-            attrs = await self.store.setattr(node, AttrChange(size=0), cred,
-                                             open_for_writing=True)
+            attrs = await self.store.setattr(node, AttrChange(size=0), cred, fd_writable=True)
         entry = self._entry(node, attrs, parent, name)
         return self._file_info(node, OpenFile(node, cred, flags), new=True), entry
 
