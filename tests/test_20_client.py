@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -358,3 +358,86 @@ async def test_counters(export: Export) -> None:
         assert stats.in_flight == 0
         c.close()
     assert run_tool(["nfs-cat", export.url("x")]).stdout == b"y" * 100_000
+
+
+NFS_PROG = 100003
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Until `cond()` holds (checked every 10 ms), at most `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_fail_fast_while_disconnected(export: Export) -> None:
+    """Issue 14.4: with the link down and the client known disconnected, a call fails
+    at once without being sent, not after `timeout`; after the link returns, calls go
+    through at once (the waiting call asks for a reconnect rather than the backoff)."""
+    async with wan(export.server, LinkProfile(rtt_ms=20)) as emu, \
+            connect(export, port=emu.port, timeout=30.0) as c:
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        assert c.up and not c.offline
+        emu.stop()                                   # the link goes down
+        await wait_for(lambda: c.offline)            # a reconnect attempt failed
+        assert not c.up
+        before = c.stats.snapshot()
+        emu.reset_counts()
+        with trio.fail_after(3):                     # timeout is 30 s
+            with pytest.raises(ServerUnreachableError, match="call not sent") as info:
+                await c.read(f, 0, 4096, ROOT)
+        assert info.value.errno == errno.EIO
+        assert c.stats.snapshot() == before and emu.calls() == 0
+        assert c.stats.failed_fast == 1
+        emu.start()                                  # the link is back
+        with trio.fail_after(3):
+            res = await c.read(f, 0, 4096, ROOT)
+        assert res.eof and res.data == b""
+        assert c.up and not c.offline
+        assert emu.calls(prog=NFS_PROG, proc=nfs3.Proc.READ) == 1
+
+
+async def test_fail_fast_while_the_link_is_stalled(export: Export,
+                                                  allow_log_warnings: None) -> None:
+    """A stalled link (connection up, nothing comes back): the call in flight keeps its
+    `timeout`; then the next ones fail at once, and a NULL probe notices the return."""
+    async with wan(export.server, LinkProfile()) as emu, \
+            connect(export, port=emu.port, timeout=2.0, timeo=0.5) as c:
+        await c.getattr(c.root_fh, ROOT)
+        emu.blackhole(True)
+        started = trio.current_time()
+        with pytest.raises(RpcTimeoutError):
+            await c.getattr(c.root_fh, ROOT)
+        assert trio.current_time() - started >= 2.0   # in flight: the whole timeout
+        assert c.offline and not c.up
+        sent = c.stats.calls()["GETATTR"]
+        with trio.fail_after(1.9):
+            with pytest.raises(ServerUnreachableError, match="call not sent"):
+                await c.getattr(c.root_fh, ROOT)
+        assert c.stats.calls()["GETATTR"] == sent
+        emu.blackhole(False)
+        await wait_for(lambda: not c.offline)         # the probe's NULL was answered
+        with trio.fail_after(1.9):
+            await c.getattr(c.root_fh, ROOT)
+        assert c.up
+
+
+async def test_hard_mount_blocks_until_the_server_answers(export: Export) -> None:
+    async with wan(export.server, LinkProfile()) as emu, \
+            connect(export, port=emu.port, timeout=None) as c:
+        await c.getattr(c.root_fh, ROOT)
+        emu.stop()
+        await wait_for(lambda: c.offline)
+        done = trio.Event()
+
+        async def getattr_() -> None:
+            await c.getattr(c.root_fh, ROOT)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(getattr_)
+            await trio.sleep(2.0)          # longer than a soft call would have waited
+            assert not done.is_set() and c.stats.failed_fast == 0
+            emu.start()
+            with trio.fail_after(5):
+                await done.wait()

@@ -129,8 +129,16 @@ class NfsClient:
 
     @property
     def up(self) -> bool:
-        """True while connected to the server."""
+        """True while connected to the server and it answers."""
         return self.transport.up
+
+    @property
+    def offline(self) -> bool:
+        """The server is known to be unreachable (connection lost and reconnecting
+        fails, or calls time out with nothing heard since): soft-mount calls fail at
+        once, unsent, until a background probe sees it again.  Serve from the caches
+        instead of calling.  (`not up and not offline`: connecting, not known yet.)"""
+        return self.transport.offline
 
     def close(self) -> None:
         """Stop the NFS transport."""
