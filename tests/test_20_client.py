@@ -27,6 +27,7 @@ from wancache.nfs_backend.client import (
 from wancache.nfs_backend.errors import (
     MountError,
     NfsError,
+    ProtocolError,
     RpcTimeoutError,
     ServerUnreachableError,
     UnknownOutcomeError,
@@ -441,3 +442,22 @@ async def test_hard_mount_blocks_until_the_server_answers(export: Export) -> Non
             emu.start()
             with trio.fail_after(5):
                 await done.wait()
+
+
+async def test_io_sizes_fit_the_replies_we_accept(export: Export,
+                                                  allow_log_warnings: None) -> None:
+    """rsize is capped below `max_record` (a READ of rsize used to come back too large,
+    drop the connection and be retried until `timeout`); a READ asking for more fails
+    at once, alone."""
+    limit = 1 << 20
+    async with connect(export, max_record=limit) as c:
+        assert c.info.rsize <= limit - 64 * 1024
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        await c.write(f, 0, b"x" * limit, ROOT, stable=StableHow.FILE_SYNC)
+        res = await c.read(f, 0, c.info.rsize, ROOT)
+        assert len(res.data) == c.info.rsize
+        with trio.fail_after(5):
+            with pytest.raises(ProtocolError, match="exceeds"):
+                await c.read(f, 0, limit, ROOT)
+        assert c.stats.reconnects == 0
+        await c.readdirplus(c.root_fh, 0, bytes(8), ROOT, maxcount=4 * limit)

@@ -12,13 +12,16 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from wancache.nfs_backend import nfs3
+from wancache.nfs_backend.client import NfsClient, ServerInfo
 from wancache.nfs_backend.errors import (
+    ProtocolError,
     RpcTimeoutError,
     ServerUnreachableError,
     UnknownOutcomeError,
 )
 from wancache.nfs_backend.rpc import RecordReader, decode_call, encode_reply_success, frame_record
-from wancache.nfs_backend.transport import RpcTransport, TransportOptions
+from wancache.nfs_backend.transport import Cred, RpcTransport, TransportOptions
 
 PROG, VERS = 400123, 1
 BIG = 16 * 2**20    # more than any socket buffers on the way can hold
@@ -28,10 +31,12 @@ class ScriptedServer:
     """An RPC server on 127.0.0.1 that records every call it received whole.
 
     `on_call(conn_no, proc, stream)` decides, per call, what happens: return True to
-    reply (with empty results), False to stay silent.  It may reset the connection.
+    reply (with empty results) or the results to send, False to stay silent.  It may
+    reset the connection.
     """
 
-    def __init__(self, on_call: Callable[[int, int, trio.SocketStream], Awaitable[bool]],
+    def __init__(self, on_call: Callable[[int, int, trio.SocketStream],
+                                         Awaitable[bool | bytes]],
                  rcvbuf: int = 65536) -> None:
         self.on_call = on_call
         self.rcvbuf = rcvbuf
@@ -65,9 +70,11 @@ class ScriptedServer:
                 for record in reader.feed(data):
                     header, _ = decode_call(record)
                     self.executed[header.proc] += 1
-                    if await self.on_call(conn_no, header.proc, stream):
+                    answer = await self.on_call(conn_no, header.proc, stream)
+                    if answer is not False:
+                        results = answer if isinstance(answer, bytes) else b""
                         await stream.send_all(frame_record(encode_reply_success(header.xid,
-                                                                                b"")))
+                                                                                results)))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
 
@@ -193,3 +200,35 @@ async def test_call_never_written_when_its_time_ran_out_is_never_sent(
         await t.call(2, b"getattr!", None, idempotent=True)
     assert server.executed[1] == 1
     assert server.executed[9] == 0
+
+
+async def test_reply_larger_than_accepted_fails_only_its_call(allow_log_warnings: None) -> None:
+    """A reply over `max_record` used to drop the connection; the call was sent again,
+    got the same reply, and so on until its timeout (for ever on a hard mount)."""
+    async def answer(conn_no: int, proc: int, stream: trio.SocketStream) -> bool | bytes:
+        return bytes(4096) if proc == 6 else True
+
+    server = ScriptedServer(answer)
+    server.go.set()
+    async with transport_to(server, timeout=30.0, max_record=1024) as t:
+        with trio.fail_after(5):
+            with pytest.raises(ProtocolError, match="exceeds 1024"):
+                await t.call(6, b"read", None, idempotent=True)
+            await t.call(1, b"getattr!", None, idempotent=True)   # same connection
+        assert server.connections == 1 and server.executed[6] == 1
+
+
+async def test_read_reply_that_contradicts_itself_is_refused(nursery: trio.Nursery) -> None:
+    async def answer(conn_no: int, proc: int, stream: trio.SocketStream) -> bool | bytes:
+        return nfs3.encode_res(nfs3.ReadRes(nfs3.Nfsstat3.NFS3_OK, None, 10, False, b"12345"))
+
+    server = ScriptedServer(answer)
+    server.go.set()
+    port = await nursery.start(server.run)
+    t = RpcTransport("127.0.0.1", port, nfs3.PROGRAM, nfs3.VERSION)
+    await nursery.start(t.run)
+    info = ServerInfo(b"root", port, port, 4096, 4096, 4096, None, None)  # type: ignore[arg-type]
+    client = NfsClient(t, info, t.stats)
+    with pytest.raises(ProtocolError, match="says 10 bytes, carries 5"):
+        await client.read(b"fh", 0, 10, Cred.root())
+    t.close()

@@ -135,6 +135,7 @@ class _Pending:
     record: bytes
     event: trio.Event = field(default_factory=trio.Event)
     reply: bytes | None = None
+    error: ProtocolError | None = None   # a reply came but cannot be taken
     committed: bool = False   # the writer took it: it goes out whole unless the link dies
     sent: bool = False        # every byte is with the kernel: the server may run it
     abandoned: bool = False
@@ -201,6 +202,8 @@ class _Connection:
                 with trio.move_on_after(timeo):
                     await p.event.wait()
                 if p.event.is_set():
+                    if p.error is not None:
+                        raise p.error
                     if p.reply is None:
                         raise _ConnectionLost(p.sent)
                     return p.reply
@@ -274,7 +277,8 @@ class _Connection:
                 i += 1
 
     async def _reader(self) -> None:
-        reader = RecordReader(self.transport.options.max_record)
+        max_record = self.transport.options.max_record
+        reader = RecordReader(max_record, skip_oversized=True)
         while True:
             data = await self.stream.receive_some(256 * 1024)
             if not data:
@@ -289,6 +293,16 @@ class _Connection:
                     continue
                 p.reply = record
                 p.event.set()
+            for xid, size in reader.oversized:   # fail that call, not every call
+                p = self.pending.pop(xid, None) if xid is not None else None
+                log.warning("%s: a reply of %d bytes exceeds the limit of %d (xid %s)",
+                            self.transport.label, size, max_record,
+                            "?" if xid is None else f"{xid:08x}")
+                if p is not None:
+                    p.error = ProtocolError(f"reply of {size} bytes from "
+                                            f"{self.transport.label} exceeds {max_record}")
+                    p.event.set()
+            reader.oversized.clear()
 
 
 class RpcTransport:
