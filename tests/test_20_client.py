@@ -461,3 +461,18 @@ async def test_io_sizes_fit_the_replies_we_accept(export: Export,
                 await c.read(f, 0, limit, ROOT)
         assert c.stats.reconnects == 0
         await c.readdirplus(c.root_fh, 0, bytes(8), ROOT, maxcount=4 * limit)
+
+
+async def test_slow_uplink_is_not_taken_for_a_dead_connection(export: Export) -> None:
+    """While the writer is still getting a big call out on a slow uplink, nothing
+    comes back: that is not silence (the peer takes our bytes).  It used to be
+    probed, found silent (the NULL waits behind the WRITE) and dropped, again and
+    again, so the WRITE never got through."""
+    async with wan(export.server, LinkProfile(up_mbit=2)) as emu, \
+            connect(export, port=emu.port, timeo=0.5, timeout=20.0) as c:
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        data = os.urandom(512 * 1024)               # ~2 s on the wire
+        res = await c.write(f, 0, data, ROOT, stable=StableHow.FILE_SYNC)
+        assert res.count == len(data)
+        assert c.stats.reconnects == 0
+        assert c.stats.proc("nfs3.WRITE").retransmits == 0

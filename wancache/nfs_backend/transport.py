@@ -9,8 +9,9 @@ Failure handling (what we chose and why):
 
 * A connection that stays silent for `timeo` seconds while calls wait is probed
   with a NULL call; if that gets no answer within another `timeo` it is dropped.
-  Anything received (any reply) counts as life, so a saturated slow link is not
-  mistaken for a dead one.
+  Anything received (any reply) counts as life, and so does the server taking our
+  bytes once the socket buffer was full, so a saturated slow link, either way, is
+  not mistaken for a dead one.
 * Connections are re-established in the background with capped exponential backoff.
   A reconnect first tries the previous source port, so servers whose duplicate
   request cache (DRC) is keyed by client address and port can recognise a
@@ -43,12 +44,15 @@ Failure handling (what we chose and why):
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import itertools
 import logging
 import math
 import os
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -149,7 +153,9 @@ class _Connection:
         self.transport = transport
         self.pending: dict[int, _Pending] = {}
         self._send, self._queue = trio.open_memory_channel[_Pending](math.inf)
-        self.last_recv = trio.current_time()
+        self.last_recv = trio.current_time()    # when a reply last came
+        self.last_alive = self.last_recv        # ... or the peer last acked our bytes
+        self._written = self._acked = 0         # bytes given to the kernel, acked
         self.dead = False
         self._scope = trio.CancelScope()
         self._probe_lock = trio.Lock()
@@ -207,7 +213,7 @@ class _Connection:
                     if p.reply is None:
                         raise _ConnectionLost(p.sent)
                     return p.reply
-                if trio.current_time() - self.last_recv >= timeo:
+                if trio.current_time() - self.last_alive >= timeo:
                     await self._probe(timeo)
         finally:
             p.abandoned = True
@@ -216,9 +222,10 @@ class _Connection:
     async def _probe(self, timeo: float) -> None:
         """Ping a connection silent for `timeo`; drop it if nothing at all comes back."""
         async with self._probe_lock:
-            if self.dead or trio.current_time() - self.last_recv < timeo:
+            self._acks_moved()
+            if self.dead or trio.current_time() - self.last_alive < timeo:
                 return
-            if not await self.ping(timeo):
+            if not await self.ping(timeo) and not self._acks_moved():
                 log.info("%s: no answer for %.1fs, reconnecting", self.transport.label,
                          2 * timeo)
                 self.kill()
@@ -271,10 +278,26 @@ class _Connection:
         sock = self.stream.socket
         done = i = 0
         while done < len(data):
-            done += await sock.send(data[done:])
+            n = await sock.send(data[done:])
+            done += n
+            self._written += n
             while i < len(batch) and ends[i] <= done:
                 batch[i].sent = True
                 i += 1
+
+    def _acks_moved(self) -> bool:
+        """Whether the peer acknowledged more of our bytes (TCP) since the last look: a
+        slow uplink still busy with a big call is not a silent connection."""
+        try:
+            raw = fcntl.ioctl(self.stream.socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return False    # not Linux, or closed: replies alone tell
+        acked = self._written - struct.unpack("i", raw)[0]
+        moved = acked > self._acked
+        self._acked = acked
+        if moved:
+            self.last_alive = trio.current_time()
+        return moved
 
     async def _reader(self) -> None:
         max_record = self.transport.options.max_record
@@ -283,7 +306,8 @@ class _Connection:
             data = await self.stream.receive_some(256 * 1024)
             if not data:
                 return
-            self.last_recv = self.transport.last_recv = trio.current_time()
+            self.last_recv = self.last_alive = self.transport.last_recv = \
+                trio.current_time()
             if self.transport.unresponsive:
                 self.transport._answered()
             for record in reader.feed(data):
@@ -328,7 +352,7 @@ class RpcTransport:
         self.last_error: BaseException | None = None
         self.connected_once = False
         self.unresponsive = False    # a call timed out and nothing answered since
-        self.last_recv = -math.inf   # when anything last came from the server
+        self.last_recv = -math.inf   # when a reply last came from the server
         self._kicked = trio.Event()  # set: reconnect or probe now, not after the backoff
         self._last_attempt = -math.inf
         self._said_offline = False
@@ -449,7 +473,7 @@ class RpcTransport:
             self._last_attempt = trio.current_time()
             conn = live[0]
             async with conn._probe_lock:
-                if not await conn.ping(self.options.timeo):
+                if not await conn.ping(self.options.timeo) and not conn._acks_moved():
                     conn.kill()
             if self.unresponsive:
                 await self._pause(delay)
