@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -67,8 +68,8 @@ async def wan(server: NfsServer, profile: LinkProfile) -> AsyncIterator[WanEmula
             nursery.cancel_scope.cancel()
 
 
-def fh_of(res: nfs3.DirOpRes) -> bytes:
-    """The handle a CREATE/MKDIR reply carried (ganesha always sends one)."""
+def fh_of(res: nfs3.DirOpRes | nfs3.LookupRes) -> bytes:
+    """The handle a CREATE/MKDIR/LOOKUP reply carried (ganesha always sends one)."""
     assert res.object is not None
     return res.object
 
@@ -476,3 +477,50 @@ async def test_slow_uplink_is_not_taken_for_a_dead_connection(export: Export) ->
         assert res.count == len(data)
         assert c.stats.reconnects == 0
         assert c.stats.proc("nfs3.WRITE").retransmits == 0
+
+
+async def test_readdirplus_of_odd_entries(export: Export) -> None:
+    """Issue 13.3 (`ls` failing with EINVAL after such a workload): symlinks with 2-4 KB
+    targets, character devices with large numbers, hard links, files chowned to
+    random ids, sparse files list in full, in one page or many, and read back."""
+    rnd = random.Random(13)
+    async with connect(export) as c:
+        d = fh_of(await c.mkdir(c.root_fh, b"odd", Sattr3(mode=0o777), ROOT))
+        targets: dict[bytes, bytes] = {}
+        files: list[bytes] = []
+        for i in range(60):
+            name = b"e%02d" % i
+            kind = i % 5
+            if kind == 0:
+                targets[name] = bytes(rnd.choice(b"ab/") for _ in range(rnd.randint(2048, 4095)))
+                await c.symlink(d, name, targets[name], Sattr3(), ROOT)
+            elif kind == 1:
+                await c.mknod(d, name, Ftype3.CHR, Sattr3(mode=0o644), ROOT,
+                              spec=(rnd.randint(0, 4095), rnd.randint(0, 2**20 - 1)))
+            elif kind == 2:
+                f = fh_of(await c.create(d, name, ROOT, attrs=Sattr3(mode=0o644)))
+                await c.setattr(f, Sattr3(size=rnd.randint(0, 70 * 2**20),
+                                          uid=rnd.randint(1, 2**31), gid=rnd.randint(1, 2**31)),
+                                ROOT)
+                files.append(name)
+            elif kind == 3:
+                f = fh_of(await c.lookup(d, rnd.choice(files), ROOT))
+                await c.link(f, d, name, ROOT)
+            else:
+                await c.mknod(d, name, Ftype3.FIFO, Sattr3(mode=0o600), ROOT)
+        expected = set(os.listdir(export.path / "odd"))
+        for dircount, maxcount in ((None, None), (1024, 4096)):
+            seen: dict[bytes, nfs3.EntryPlus3] = {}
+            cookie, verf = 0, bytes(8)
+            while True:
+                res = await c.readdirplus(d, cookie, verf, ROOT, dircount, maxcount)
+                verf = res.cookieverf
+                seen.update((e.name, e) for e in res.entries)
+                if res.eof:
+                    break
+                cookie = res.entries[-1].cookie
+            assert {n.decode() for n in seen} - {".", ".."} == expected
+            assert all(e.name_attributes is not None for n, e in seen.items()
+                       if n not in (b".", b".."))
+        for name, target in targets.items():
+            assert await c.readlink(fh_of(await c.lookup(d, name, ROOT)), ROOT) == target
