@@ -408,7 +408,9 @@ class RpcTransport:
         offline = self.offline
         if offline != self._said_offline:
             self._said_offline = offline
-            if offline and not self.unresponsive:   # unresponsive: a warning said it
+            # Before the first connection the caller reports the failure; when
+            # unresponsive, a warning said it.
+            if offline and self.connected_once and not self.unresponsive:
                 log.info("server %s unreachable (%s): calls fail at once until it answers",
                          self.label, self.last_error)
         self._changed.set()
