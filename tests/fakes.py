@@ -4,22 +4,39 @@ methods, attribute sinks and per-procedure call counters.
 "Another client" changes the tree with the `server_*` methods, which bump mtime
 and ctime like a real server, so lease logic can be tested deterministically
 (with trio's mock clock) and without a network.
+
+It misbehaves like the real thing on demand: `inject(proc, Fault...)` queues, per
+procedure, deterministic faults for its next calls: an error before the server acts
+(`Fault.refuse`, `Fault.jukebox`, `Fault.stale`), a short READ (`Fault.short_read`),
+a reply lost after the server acted (`Fault.lose_reply`, which is also what a
+timeout after sending looks like), a call the transport sent twice
+(`Fault.resend`), and code run between "server applied" and "reply delivered"
+(`Fault.between`, to interleave another client's change).  `server_reboot_handles()`
+makes every handle stale while the objects stay where they are by name.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
 from wancache.nfs_backend import nfs3
 from wancache.nfs_backend.client import ServerInfo
-from wancache.nfs_backend.errors import NfsError, ServerUnreachableError
+from wancache.nfs_backend.errors import (
+    NfsError,
+    RpcTimeoutError,
+    ServerUnreachableError,
+    TransportError,
+    UnknownOutcomeError,
+)
 from wancache.nfs_backend.nfs3 import (
     Fattr3,
     Ftype3,
@@ -34,6 +51,9 @@ from wancache.nfs_backend.stats import RpcStats
 from wancache.nfs_backend.transport import Cred
 
 S = Nfsstat3
+R = TypeVar("R")
+Sinks = list[tuple[bytes, Fattr3 | None, WccAttr | None]]
+IDEMPOTENT = frozenset(p.name for p in nfs3.IDEMPOTENT)
 
 
 @dataclass
@@ -44,6 +64,69 @@ class FakeNode:
     data: bytearray = field(default_factory=bytearray)
     target: bytes = b""
     verf: bytes = b""      # an EXCLUSIVE create's verifier
+
+
+@dataclass(frozen=True)
+class Fault:
+    """How the fake server misbehaves on one call (queue it with `FakeNfs.inject`).
+
+    before: raised before the server acts (nothing changes).
+    short: READ returns at most this many bytes (eof only if that is the end).
+    hook: run (sync or async) after the server acted, before the reply is delivered.
+    lost: the reply never arrives: the server acted, the caller gets `error`, or
+      what the transport raises when a sent call's reply is lost and its time runs
+      out: UnknownOutcomeError for non-idempotent calls, RpcTimeoutError otherwise.
+    twice: the first reply is lost and the transport sends the call again, as it
+      does for idempotent calls after a reconnect: the server acts twice.
+    """
+
+    before: Exception | None = None
+    short: int | None = None
+    hook: Callable[[], object] | None = None
+    lost: bool = False
+    error: TransportError | None = None
+    twice: bool = False
+
+    @classmethod
+    def refuse(cls, exc: Exception) -> Fault:
+        """The call fails with `exc` before the server changes anything."""
+        return cls(before=exc)
+
+    @classmethod
+    def jukebox(cls) -> Fault:
+        """NFS3ERR_JUKEBOX: the server is busy (e.g. recalling from tape); try later."""
+        return cls(before=NfsError(S.NFS3ERR_JUKEBOX))
+
+    @classmethod
+    def stale(cls) -> Fault:
+        """NFS3ERR_STALE for this call's handle (see also `server_reboot_handles`)."""
+        return cls(before=NfsError(S.NFS3ERR_STALE))
+
+    @classmethod
+    def short_read(cls, max_bytes: int) -> Fault:
+        """READ returns fewer bytes than asked (eof false unless at the end)."""
+        return cls(short=max_bytes)
+
+    @classmethod
+    def lose_reply(cls, error: TransportError | None = None) -> Fault:
+        """The server acts; its reply is lost (see `lost` above)."""
+        return cls(lost=True, error=error)
+
+    @classmethod
+    def timeout_after_send(cls, error: TransportError | None = None) -> Fault:
+        """The call reached the server (which acts) and the caller's time runs out:
+        the same as a lost reply, named for readability."""
+        return cls.lose_reply(error)
+
+    @classmethod
+    def resend(cls) -> Fault:
+        """The transport sends the call twice; the caller sees the second reply."""
+        return cls(twice=True)
+
+    @classmethod
+    def between(cls, hook: Callable[[], object], *, lost: bool = False) -> Fault:
+        """Run `hook` after the server acted and before the reply is delivered."""
+        return cls(hook=hook, lost=lost)
 
 
 def _now() -> NfsTime:
@@ -60,6 +143,7 @@ class FakeNfs:
         self.down = False
         self.transport = SimpleNamespace(connected_once=True, last_error=None)
         self._ids = itertools.count(100)
+        self._generation = 0
         self.nodes: dict[bytes, FakeNode] = {}
         self.root_fh = self._new(Ftype3.DIR, 0o755).fh
         fsinfo = nfs3.FsinfoRes(S.NFS3_OK, None, rsize, rsize, 512, rsize, rsize, 512, 65536,
@@ -71,12 +155,39 @@ class FakeNfs:
         self.fail: dict[str, Exception] = {}    # proc -> error its next call raises
         self.created: list[bytes] = []          # names created, in order
         self.on_write: list = []                # callbacks run after each WRITE
+        self.faults: dict[str, deque[Fault]] = {}   # proc -> faults of its next calls
+        self.always: dict[str, Fault] = {}      # proc -> fault of every call
+        self.applied: Counter[str] = Counter()  # proc -> calls the server acted on
+
+    # -- faults --------------------------------------------------------------------
+
+    def inject(self, proc: str, fault: Fault, times: int | None = 1) -> None:
+        """`fault` for the next `times` calls of `proc` (e.g. "WRITE"), after those
+        already queued; `times=None`: every call until `clear_faults()`."""
+        if times is None:
+            self.always[proc] = fault
+        else:
+            self.faults.setdefault(proc, deque()).extend([fault] * times)
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+        self.always.clear()
+
+    def _next_fault(self, proc: str) -> Fault | None:
+        queue = self.faults.get(proc)
+        if queue:
+            return queue.popleft()
+        return self.always.get(proc)
 
     # -- server side ---------------------------------------------------------------
 
+    def _handle(self, fileid: int) -> bytes:
+        return b"fh-%d" % fileid if not self._generation else \
+            b"fh-%d-g%d" % (fileid, self._generation)
+
     def _new(self, ftype: Ftype3, mode: int, uid: int = 0, gid: int = 0) -> FakeNode:
         fileid = next(self._ids)
-        fh = b"fh-%d" % fileid
+        fh = self._handle(fileid)
         t = _now()
         attrs = Fattr3(ftype, mode, 2 if ftype is Ftype3.DIR else 1, uid, gid, 0, 0, (0, 0),
                        1, fileid, t, t, t)
@@ -95,14 +206,17 @@ class FakeNfs:
                 node = self.nodes[node.children[part.encode()]]
         return node
 
+    def _parent(self, path: str) -> tuple[FakeNode, bytes]:
+        parent_path, _, name = path.strip("/").rpartition("/")
+        return self.path(parent_path), name.encode()
+
     def server_create(self, path: str, data: bytes = b"", *, is_dir: bool = False) -> FakeNode:
         """Another client creates a file or directory."""
-        parent_path, _, name = path.strip("/").rpartition("/")
-        parent = self.path(parent_path)
+        parent, name = self._parent(path)
         node = self._new(Ftype3.DIR if is_dir else Ftype3.REG, 0o755 if is_dir else 0o644)
         node.data[:] = data
         node.attrs = replace(node.attrs, size=len(data))
-        parent.children[name.encode()] = node.fh
+        parent.children[name] = node.fh
         self._touch(parent, size=len(parent.children))
         return node
 
@@ -128,11 +242,49 @@ class FakeNfs:
         self._touch(node, size=len(data))
 
     def server_remove(self, path: str) -> None:
-        parent_path, _, name = path.strip("/").rpartition("/")
-        parent = self.path(parent_path)
-        fh = parent.children.pop(name.encode())
+        parent, name = self._parent(path)
+        fh = parent.children.pop(name)
         del self.nodes[fh]
         self._touch(parent, size=len(parent.children))
+
+    def server_rename(self, old: str, new: str) -> None:
+        """Another client renames `old` to `new` (replacing what `new` was)."""
+        src, old_name = self._parent(old)
+        dst, new_name = self._parent(new)
+        fh = src.children.pop(old_name)
+        replaced = dst.children.get(new_name)
+        if replaced is not None and replaced != fh:
+            del self.nodes[replaced]
+        dst.children[new_name] = fh
+        self._touch(src, size=len(src.children))
+        self._touch(dst, size=len(dst.children))
+
+    def server_reboot_handles(self, *, include_root: bool = False) -> None:
+        """The server restarts with new file handles (as a server whose handles are
+        not persistent does): every old handle is STALE, every object is still where
+        it was by name.  The root keeps its handle unless `include_root`."""
+        self._generation += 1
+        renamed = {fh: (fh if fh == self.root_fh and not include_root
+                        else self._handle(node.attrs.fileid))
+                   for fh, node in self.nodes.items()}
+        nodes = {}
+        for old, node in self.nodes.items():
+            node.fh = renamed[old]
+            node.children = {name: renamed[c] for name, c in node.children.items()}
+            nodes[node.fh] = node
+        self.nodes = nodes
+        self.root_fh = renamed[self.root_fh]
+
+    def server_rehandle(self, path: str) -> bytes:
+        """One object gets a new handle (its old one is STALE); the new handle."""
+        node = self.path(path)
+        parent, name = self._parent(path)
+        self._generation += 1
+        old, node.fh = node.fh, self._handle(node.attrs.fileid)
+        del self.nodes[old]
+        self.nodes[node.fh] = node
+        parent.children[name] = node.fh
+        return node.fh
 
     # -- client side ---------------------------------------------------------------
 
@@ -150,6 +302,40 @@ class FakeNfs:
         else:
             await trio.lowlevel.checkpoint()
         return sent
+
+    async def _rpc(self, proc: str, act: Callable[[Sinks, Fault | None], R], *,
+                   idempotent: bool | None = None) -> R:
+        """One call: `act` is the server's work (appending the attributes its reply
+        carries to the sinks list); faults queued for `proc` apply around it."""
+        sent = await self._call(proc)
+        fault = self._next_fault(proc)
+        if fault is not None and fault.before is not None:
+            raise fault.before
+        sinks: Sinks = []
+        error: NfsError | None = None
+        res: R | None = None
+        for _ in range(2 if fault is not None and fault.twice else 1):
+            sinks.clear()
+            self.applied[proc] += 1
+            try:
+                res, error = act(sinks, fault), None
+            except NfsError as exc:
+                error = exc
+        if fault is not None and fault.hook is not None:
+            ran = fault.hook()
+            if inspect.isawaitable(ran):
+                await ran
+        if fault is not None and fault.lost:
+            idem = proc in IDEMPOTENT if idempotent is None else idempotent
+            raise fault.error or (
+                RpcTimeoutError(f"fake: no reply to {proc}") if idem else
+                UnknownOutcomeError(f"fake: reply to {proc} lost; its outcome is unknown"))
+        for fh, attrs, before in sinks:
+            self._sink(fh, attrs, before, sent)
+        if error is not None:
+            raise error
+        assert res is not None
+        return res
 
     def _sink(self, fh: bytes, attrs: Fattr3 | None, before: WccAttr | None,
               sent: float) -> None:
@@ -171,6 +357,11 @@ class FakeNfs:
     def up(self) -> bool:
         return not self.down
 
+    @property
+    def offline(self) -> bool:
+        """Like NfsClient.offline: known unreachable, calls fail at once."""
+        return self.down
+
     def calls(self) -> Counter[str]:
         return self.stats.calls()
 
@@ -178,60 +369,67 @@ class FakeNfs:
         pass
 
     async def getattr(self, fh: bytes, cred: Cred) -> Fattr3:
-        sent = await self._call("GETATTR")
-        node = self._node(fh, "GETATTR")
-        self._sink(fh, node.attrs, None, sent)
-        return node.attrs
+        def act(sinks: Sinks, fault: Fault | None) -> Fattr3:
+            node = self._node(fh, "GETATTR")
+            sinks.append((fh, node.attrs, None))
+            return node.attrs
+        return await self._rpc("GETATTR", act)
 
     async def lookup(self, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.LookupRes:
-        sent = await self._call("LOOKUP")
-        d = self._node(dir_fh, "LOOKUP")
-        self._sink(dir_fh, d.attrs, None, sent)
-        fh = d.children.get(name)
-        if fh is None:
-            raise NfsError(S.NFS3ERR_NOENT, "LOOKUP")
-        node = self.nodes[fh]
-        self._sink(fh, node.attrs, None, sent)
-        return nfs3.LookupRes(S.NFS3_OK, fh, node.attrs, d.attrs)
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.LookupRes:
+            d = self._node(dir_fh, "LOOKUP")
+            sinks.append((dir_fh, d.attrs, None))
+            fh = d.children.get(name)
+            if fh is None:
+                raise NfsError(S.NFS3ERR_NOENT, "LOOKUP")
+            node = self.nodes[fh]
+            sinks.append((fh, node.attrs, None))
+            return nfs3.LookupRes(S.NFS3_OK, fh, node.attrs, d.attrs)
+        return await self._rpc("LOOKUP", act)
 
     async def readdirplus(self, dir_fh: bytes, cookie: int, cookieverf: bytes, cred: Cred,
                           dircount: int | None = None,
                           maxcount: int | None = None) -> nfs3.ReaddirplusRes:
-        sent = await self._call("READDIRPLUS")
-        d = self._node(dir_fh, "READDIRPLUS")
-        names = sorted(d.children)
-        page = names[cookie:cookie + 100]
-        entries = []
-        for i, name in enumerate(page, start=cookie + 1):
-            child = self.nodes[d.children[name]]
-            self._sink(child.fh, child.attrs, None, sent)
-            entries.append(nfs3.EntryPlus3(child.attrs.fileid, name, i, child.attrs, child.fh))
-        self._sink(dir_fh, d.attrs, None, sent)
-        return nfs3.ReaddirplusRes(S.NFS3_OK, d.attrs, b"cv000001", entries,
-                                   cookie + len(page) >= len(names))
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.ReaddirplusRes:
+            d = self._node(dir_fh, "READDIRPLUS")
+            names = sorted(d.children)
+            page = names[cookie:cookie + 100]
+            entries = []
+            for i, name in enumerate(page, start=cookie + 1):
+                child = self.nodes[d.children[name]]
+                sinks.append((child.fh, child.attrs, None))
+                entries.append(nfs3.EntryPlus3(child.attrs.fileid, name, i, child.attrs,
+                                               child.fh))
+            sinks.append((dir_fh, d.attrs, None))
+            return nfs3.ReaddirplusRes(S.NFS3_OK, d.attrs, b"cv000001", entries,
+                                       cookie + len(page) >= len(names))
+        return await self._rpc("READDIRPLUS", act)
 
     async def _dirop(self, proc: str, dir_fh: bytes, name: bytes, ftype: Ftype3,
                      attrs: Sattr3, cred: Cred, *, exclusive: bool = False,
-                     verf: bytes = b"") -> nfs3.DirOpRes:
-        sent = await self._call(proc)
-        d = self._node(dir_fh, proc)
-        before = self._wcc(d)
-        if name in d.children:
-            node = self.nodes[d.children[name]]
-            if verf and node.verf == verf:
-                pass     # a repeated EXCLUSIVE create of the same file (RFC 1813 §3.3.8)
-            elif exclusive or verf or proc != "CREATE":
-                raise NfsError(S.NFS3ERR_EXIST, proc)
-        else:
-            node = self._new(ftype, attrs.mode if attrs.mode is not None else 0o644,
-                             cred.uid, cred.gid)
-            self.created.append(name)
-            node.verf = verf
-            d.children[name] = node.fh
-            self._touch(d, size=len(d.children))
-        self._sink(node.fh, node.attrs, None, sent)
-        self._sink(dir_fh, d.attrs, before, sent)
-        return nfs3.CreateRes(S.NFS3_OK, node.fh, node.attrs, WccData(before, d.attrs))
+                     verf: bytes = b"", target: bytes = b"",
+                     idempotent: bool = False) -> nfs3.DirOpRes:
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.DirOpRes:
+            d = self._node(dir_fh, proc)
+            before = self._wcc(d)
+            if name in d.children:
+                node = self.nodes[d.children[name]]
+                if verf and node.verf == verf:
+                    pass     # a repeated EXCLUSIVE create of the same file (RFC 1813 3.3.8)
+                elif exclusive or verf or proc != "CREATE":
+                    raise NfsError(S.NFS3ERR_EXIST, proc)
+            else:
+                node = self._new(ftype, attrs.mode if attrs.mode is not None else 0o644,
+                                 cred.uid, cred.gid)
+                node.target = target
+                node.verf = verf
+                self.created.append(name)
+                d.children[name] = node.fh
+                self._touch(d, size=len(d.children))
+            sinks.append((node.fh, node.attrs, None))
+            sinks.append((dir_fh, d.attrs, before))
+            return nfs3.CreateRes(S.NFS3_OK, node.fh, node.attrs, WccData(before, d.attrs))
+        return await self._rpc(proc, act, idempotent=idempotent)
 
     async def create(self, dir_fh: bytes, name: bytes, cred: Cred, *,
                      attrs: Sattr3 | None = None,
@@ -240,7 +438,8 @@ class FakeNfs:
         exclusive = mode is nfs3.CreateMode.EXCLUSIVE
         res = await self._dirop("CREATE", dir_fh, name, Ftype3.REG, attrs or Sattr3(), cred,
                                 exclusive=mode is nfs3.CreateMode.GUARDED,
-                                verf=(verf or bytes(8)) if exclusive else b"")
+                                verf=(verf or bytes(8)) if exclusive else b"",
+                                idempotent=exclusive)
         assert isinstance(res, nfs3.CreateRes)
         return res
 
@@ -250,125 +449,136 @@ class FakeNfs:
 
     async def symlink(self, dir_fh: bytes, name: bytes, target: bytes, attrs: Sattr3,
                       cred: Cred) -> nfs3.DirOpRes:
-        res = await self._dirop("SYMLINK", dir_fh, name, Ftype3.LNK, attrs, cred)
-        assert res.object is not None
-        self.nodes[res.object].target = target
-        return res
+        return await self._dirop("SYMLINK", dir_fh, name, Ftype3.LNK, attrs, cred,
+                                 target=target)
 
     async def readlink(self, fh: bytes, cred: Cred) -> bytes:
-        await self._call("READLINK")
-        return self._node(fh, "READLINK").target
+        def act(sinks: Sinks, fault: Fault | None) -> bytes:
+            return self._node(fh, "READLINK").target
+        return await self._rpc("READLINK", act)
 
     async def rmdir(self, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.RmdirRes:
-        d = self._node(dir_fh, "RMDIR")
-        child = d.children.get(name)
-        if child is not None and self.nodes[child].children:
-            await self._call("RMDIR")
-            raise NfsError(S.NFS3ERR_NOTEMPTY, "RMDIR")
         res = await self.remove(dir_fh, name, cred, proc="RMDIR")
         return nfs3.RmdirRes(res.status, res.dir_wcc)
 
     async def rename(self, from_dir: bytes, from_name: bytes, to_dir: bytes, to_name: bytes,
                      cred: Cred) -> nfs3.RenameRes:
-        sent = await self._call("RENAME")
-        src, dst = self._node(from_dir, "RENAME"), self._node(to_dir, "RENAME")
-        sb, db = self._wcc(src), self._wcc(dst)
-        fh = src.children.pop(from_name, None)
-        if fh is None:
-            raise NfsError(S.NFS3ERR_NOENT, "RENAME")
-        old = dst.children.get(to_name)
-        if old is not None and old != fh:
-            del self.nodes[old]
-        dst.children[to_name] = fh
-        self._touch(src, size=len(src.children))
-        if dst is not src:
-            self._touch(dst, size=len(dst.children))
-        self._sink(from_dir, src.attrs, sb, sent)
-        self._sink(to_dir, dst.attrs, db, sent)
-        return nfs3.RenameRes(S.NFS3_OK, WccData(sb, src.attrs), WccData(db, dst.attrs))
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.RenameRes:
+            src, dst = self._node(from_dir, "RENAME"), self._node(to_dir, "RENAME")
+            sb, db = self._wcc(src), self._wcc(dst)
+            fh = src.children.pop(from_name, None)
+            if fh is None:
+                raise NfsError(S.NFS3ERR_NOENT, "RENAME")
+            old = dst.children.get(to_name)
+            if old is not None and old != fh:
+                del self.nodes[old]
+            dst.children[to_name] = fh
+            self._touch(src, size=len(src.children))
+            if dst is not src:
+                self._touch(dst, size=len(dst.children))
+            sinks.append((from_dir, src.attrs, sb))
+            sinks.append((to_dir, dst.attrs, db))
+            return nfs3.RenameRes(S.NFS3_OK, WccData(sb, src.attrs), WccData(db, dst.attrs))
+        return await self._rpc("RENAME", act)
 
     async def link(self, fh: bytes, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.LinkRes:
-        sent = await self._call("LINK")
-        node, d = self._node(fh, "LINK"), self._node(dir_fh, "LINK")
-        if name in d.children:
-            raise NfsError(S.NFS3ERR_EXIST, "LINK")
-        before = self._wcc(d)
-        d.children[name] = fh
-        self._touch(d, size=len(d.children))
-        node.attrs = replace(node.attrs, nlink=node.attrs.nlink + 1)
-        self._sink(dir_fh, d.attrs, before, sent)
-        return nfs3.LinkRes(S.NFS3_OK, node.attrs, WccData(before, d.attrs))
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.LinkRes:
+            node, d = self._node(fh, "LINK"), self._node(dir_fh, "LINK")
+            if name in d.children:
+                raise NfsError(S.NFS3ERR_EXIST, "LINK")
+            before = self._wcc(d)
+            d.children[name] = fh
+            self._touch(d, size=len(d.children))
+            node.attrs = replace(node.attrs, nlink=node.attrs.nlink + 1)
+            sinks.append((dir_fh, d.attrs, before))
+            return nfs3.LinkRes(S.NFS3_OK, node.attrs, WccData(before, d.attrs))
+        return await self._rpc("LINK", act)
 
     async def remove(self, dir_fh: bytes, name: bytes, cred: Cred, *,
                      proc: str = "REMOVE") -> nfs3.RemoveRes:
-        sent = await self._call(proc)
-        d = self._node(dir_fh, proc)
-        before = self._wcc(d)
-        fh = d.children.pop(name, None)
-        if fh is None:
-            raise NfsError(S.NFS3ERR_NOENT, proc)
-        node = self.nodes[fh]
-        node.attrs = replace(node.attrs, nlink=node.attrs.nlink - 1)
-        if node.attrs.nlink <= 0 or node.attrs.type is Ftype3.DIR:
-            del self.nodes[fh]
-        self._touch(d, size=len(d.children))
-        self._sink(dir_fh, d.attrs, before, sent)
-        return nfs3.RemoveRes(S.NFS3_OK, WccData(before, d.attrs))
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.RemoveRes:
+            d = self._node(dir_fh, proc)
+            before = self._wcc(d)
+            fh = d.children.get(name)
+            if fh is None:
+                raise NfsError(S.NFS3ERR_NOENT, proc)
+            node = self.nodes[fh]
+            if proc == "RMDIR" and node.children:
+                raise NfsError(S.NFS3ERR_NOTEMPTY, proc)
+            del d.children[name]
+            node.attrs = replace(node.attrs, nlink=node.attrs.nlink - 1)
+            if node.attrs.nlink <= 0 or node.attrs.type is Ftype3.DIR:
+                del self.nodes[fh]
+            self._touch(d, size=len(d.children))
+            sinks.append((dir_fh, d.attrs, before))
+            return nfs3.RemoveRes(S.NFS3_OK, WccData(before, d.attrs))
+        return await self._rpc(proc, act)
 
     async def read(self, fh: bytes, offset: int, count: int, cred: Cred) -> nfs3.ReadRes:
-        sent = await self._call("READ")
-        node = self._node(fh, "READ")
-        data = bytes(node.data[offset:offset + count])
-        self._sink(fh, node.attrs, None, sent)
-        return nfs3.ReadRes(S.NFS3_OK, node.attrs, len(data), offset + len(data) >= len(node.data),
-                            data)
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.ReadRes:
+            node = self._node(fh, "READ")
+            n = count if fault is None or fault.short is None else min(count, fault.short)
+            data = bytes(node.data[offset:offset + n])
+            sinks.append((fh, node.attrs, None))
+            return nfs3.ReadRes(S.NFS3_OK, node.attrs, len(data),
+                                offset + len(data) >= len(node.data), data)
+        return await self._rpc("READ", act)
 
     async def write(self, fh: bytes, offset: int, data: bytes, cred: Cred,
                     stable: StableHow = StableHow.UNSTABLE) -> nfs3.WriteRes:
-        sent = await self._call("WRITE")
-        node = self._node(fh, "WRITE")
-        before = self._wcc(node)
-        end = offset + len(data)
-        if len(node.data) < end:
-            node.data.extend(bytes(end - len(node.data)))
-        node.data[offset:end] = data
-        self._touch(node, size=len(node.data))
-        self._sink(fh, node.attrs, before, sent)
-        verf = self.verf
-        for callback in self.on_write:
-            callback()
-        return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(data), stable, verf)
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.WriteRes:
+            node = self._node(fh, "WRITE")
+            before = self._wcc(node)
+            end = offset + len(data)
+            if len(node.data) < end:
+                node.data.extend(bytes(end - len(node.data)))
+            node.data[offset:end] = data
+            self._touch(node, size=len(node.data))
+            sinks.append((fh, node.attrs, before))
+            verf = self.verf
+            for callback in self.on_write:
+                callback()
+            return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(data), stable,
+                                 verf)
+        return await self._rpc("WRITE", act)
 
     async def commit(self, fh: bytes, cred: Cred, offset: int = 0,
                      count: int = 0) -> nfs3.CommitRes:
-        await self._call("COMMIT")
-        node = self._node(fh, "COMMIT")
-        return nfs3.CommitRes(S.NFS3_OK, WccData(None, node.attrs), self.verf)
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.CommitRes:
+            node = self._node(fh, "COMMIT")
+            return nfs3.CommitRes(S.NFS3_OK, WccData(None, node.attrs), self.verf)
+        return await self._rpc("COMMIT", act)
 
     async def setattr(self, fh: bytes, attrs: Sattr3, cred: Cred,
                       guard: NfsTime | None = None) -> nfs3.SetattrRes:
-        sent = await self._call("SETATTR")
-        node = self._node(fh, "SETATTR")
-        before = self._wcc(node)
-        if attrs.size is not None:
-            del node.data[attrs.size:]
-            node.data.extend(bytes(attrs.size - len(node.data)))
-        changes: dict[str, object] = {"size": len(node.data)}
-        for name in ("mode", "uid", "gid"):
-            if getattr(attrs, name) is not None:
-                changes[name] = getattr(attrs, name)
-        self._touch(node, **changes)
-        for name in ("atime", "mtime"):     # client times (the server's: _touch did it)
-            if isinstance(getattr(attrs, name), NfsTime):
-                node.attrs = replace(node.attrs, **{name: getattr(attrs, name)})
-        self._sink(fh, node.attrs, before, sent)
-        return nfs3.SetattrRes(S.NFS3_OK, WccData(before, node.attrs))
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.SetattrRes:
+            node = self._node(fh, "SETATTR")
+            before = self._wcc(node)
+            if guard is not None and guard != node.attrs.ctime:
+                raise NfsError(S.NFS3ERR_NOT_SYNC, "SETATTR")
+            if attrs.size is not None:
+                del node.data[attrs.size:]
+                node.data.extend(bytes(attrs.size - len(node.data)))
+            changes: dict[str, object] = {"size": len(node.data)}
+            for name in ("mode", "uid", "gid"):
+                if getattr(attrs, name) is not None:
+                    changes[name] = getattr(attrs, name)
+            self._touch(node, **changes)
+            for name in ("atime", "mtime"):     # client times (the server's: _touch did it)
+                if isinstance(getattr(attrs, name), NfsTime):
+                    node.attrs = replace(node.attrs, **{name: getattr(attrs, name)})
+            sinks.append((fh, node.attrs, before))
+            return nfs3.SetattrRes(S.NFS3_OK, WccData(before, node.attrs))
+        return await self._rpc("SETATTR", act)
 
     async def access(self, fh: bytes, mask: int, cred: Cred) -> int:
-        await self._call("ACCESS")
-        self._node(fh, "ACCESS")
-        return mask
+        def act(sinks: Sinks, fault: Fault | None) -> int:
+            self._node(fh, "ACCESS")
+            return mask
+        return await self._rpc("ACCESS", act)
 
     async def fsstat(self, cred: Cred, fh: bytes | None = None) -> nfs3.FsstatRes:
-        await self._call("FSSTAT")
-        return nfs3.FsstatRes(S.NFS3_OK, None, 1 << 40, 1 << 39, 1 << 39, 1000, 500, 500, 0)
+        def act(sinks: Sinks, fault: Fault | None) -> nfs3.FsstatRes:
+            return nfs3.FsstatRes(S.NFS3_OK, None, 1 << 40, 1 << 39, 1 << 39, 1000, 500, 500,
+                                  0)
+        return await self._rpc("FSSTAT", act)

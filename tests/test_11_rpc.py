@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import pickle
+import struct
 import time
 
 import pytest
@@ -343,6 +344,51 @@ def test_reader_enforces_max_record() -> None:
         r.feed(frame_record(b"x" * 11, 4))  # the sum of the fragments counts
     with pytest.raises(ProtocolError):
         RecordReader().feed(b"\xff\xff\xff\xff")
+
+
+def test_reader_skips_oversized_records_when_asked() -> None:
+    """A reply too large to accept fails its own call (by xid), not the connection."""
+    big = struct.pack(">I", 0xCAFE) + b"y" * 40
+    stream = (frame_record(b"before") + frame_record(big, 7) + frame_record(b"after")
+              + frame_record(b"ab"))
+    for chunk in (len(stream), 1, 3, 5):
+        r = RecordReader(max_record=10, skip_oversized=True)
+        got = []
+        for i in range(0, len(stream), chunk):
+            got += r.feed(stream[i : i + chunk])
+        assert got == [b"before", b"after", b"ab"]
+        assert r.oversized == [(0xCAFE, 44)]
+        assert r.at_boundary() and r.buffered == 0
+    # The xid comes from the fragments already held when the limit is crossed.
+    r = RecordReader(max_record=10, skip_oversized=True)
+    assert r.feed(frame_record(struct.pack(">I", 7) + b"z" * 20, 6) + frame_record(b"ok")) \
+        == [b"ok"]
+    assert r.oversized == [(7, 24)]
+    r = RecordReader(max_record=4, skip_oversized=True)      # an xid across fragments
+    assert r.feed(frame_record(b"abcdefgh", 2)) == []
+    assert r.oversized == [(0x61626364, 8)]
+    # Refused while its first fragment, shorter than an xid, is all there is: no xid.
+    r = RecordReader(max_record=1, skip_oversized=True)
+    assert r.feed(frame_record(b"abcdefgh", 2)) == []
+    assert r.oversized == [(None, 8)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=40), max_size=8), st.integers(4, 16), st.integers(0, 30),
+       st.lists(st.integers(1, 50), max_size=20))
+def test_reader_skip_mode_any_chunking(records: list[bytes], max_frag: int, limit: int,
+                                       cuts: list[int]) -> None:
+    stream = b"".join(frame_record(rec, max_frag) for rec in records)
+    r = RecordReader(max_record=limit, skip_oversized=True)
+    got: list[bytes] = []
+    pos = 0
+    for n in [*cuts, len(stream)]:
+        got += r.feed(stream[pos : pos + n])
+        pos += n
+    assert got == [rec for rec in records if len(rec) <= limit]
+    assert r.oversized == [(struct.unpack(">I", rec[:4])[0] if len(rec) >= 4 else None,
+                            len(rec)) for rec in records if len(rec) > limit]
+    assert r.at_boundary()
 
 
 def test_reader_is_linear_for_large_records() -> None:

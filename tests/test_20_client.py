@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from wancache.nfs_backend.client import (
 from wancache.nfs_backend.errors import (
     MountError,
     NfsError,
+    ProtocolError,
     RpcTimeoutError,
     ServerUnreachableError,
     UnknownOutcomeError,
@@ -66,8 +68,8 @@ async def wan(server: NfsServer, profile: LinkProfile) -> AsyncIterator[WanEmula
             nursery.cancel_scope.cancel()
 
 
-def fh_of(res: nfs3.DirOpRes) -> bytes:
-    """The handle a CREATE/MKDIR reply carried (ganesha always sends one)."""
+def fh_of(res: nfs3.DirOpRes | nfs3.LookupRes) -> bytes:
+    """The handle a CREATE/MKDIR/LOOKUP reply carried (ganesha always sends one)."""
     assert res.object is not None
     return res.object
 
@@ -358,3 +360,167 @@ async def test_counters(export: Export) -> None:
         assert stats.in_flight == 0
         c.close()
     assert run_tool(["nfs-cat", export.url("x")]).stdout == b"y" * 100_000
+
+
+NFS_PROG = 100003
+
+
+async def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Until `cond()` holds (checked every 10 ms), at most `timeout` seconds."""
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_fail_fast_while_disconnected(export: Export) -> None:
+    """Issue 14.4: with the link down and the client known disconnected, a call fails
+    at once without being sent, not after `timeout`; after the link returns, calls go
+    through at once (the waiting call asks for a reconnect rather than the backoff)."""
+    async with wan(export.server, LinkProfile(rtt_ms=20)) as emu, \
+            connect(export, port=emu.port, timeout=30.0) as c:
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        assert c.up and not c.offline
+        emu.stop()                                   # the link goes down
+        await wait_for(lambda: c.offline)            # a reconnect attempt failed
+        assert not c.up
+        before = c.stats.snapshot()
+        emu.reset_counts()
+        with trio.fail_after(3):                     # timeout is 30 s
+            with pytest.raises(ServerUnreachableError, match="call not sent") as info:
+                await c.read(f, 0, 4096, ROOT)
+        assert info.value.errno == errno.EIO
+        assert c.stats.snapshot() == before and emu.calls() == 0
+        assert c.stats.failed_fast == 1
+        emu.start()                                  # the link is back
+        with trio.fail_after(3):
+            res = await c.read(f, 0, 4096, ROOT)
+        assert res.eof and res.data == b""
+        assert c.up and not c.offline
+        assert emu.calls(prog=NFS_PROG, proc=nfs3.Proc.READ) == 1
+
+
+async def test_fail_fast_while_the_link_is_stalled(export: Export,
+                                                  allow_log_warnings: None) -> None:
+    """A stalled link (connection up, nothing comes back): the call in flight keeps its
+    `timeout`; then the next ones fail at once, and a NULL probe notices the return."""
+    async with wan(export.server, LinkProfile()) as emu, \
+            connect(export, port=emu.port, timeout=2.0, timeo=0.5) as c:
+        await c.getattr(c.root_fh, ROOT)
+        emu.blackhole(True)
+        started = trio.current_time()
+        with pytest.raises(RpcTimeoutError):
+            await c.getattr(c.root_fh, ROOT)
+        assert trio.current_time() - started >= 2.0   # in flight: the whole timeout
+        assert c.offline and not c.up
+        sent = c.stats.calls()["GETATTR"]
+        with trio.fail_after(1.9):
+            with pytest.raises(ServerUnreachableError, match="call not sent"):
+                await c.getattr(c.root_fh, ROOT)
+        assert c.stats.calls()["GETATTR"] == sent
+        emu.blackhole(False)
+        await wait_for(lambda: not c.offline)         # the probe's NULL was answered
+        with trio.fail_after(1.9):
+            await c.getattr(c.root_fh, ROOT)
+        assert c.up
+
+
+async def test_hard_mount_blocks_until_the_server_answers(export: Export) -> None:
+    async with wan(export.server, LinkProfile()) as emu, \
+            connect(export, port=emu.port, timeout=None) as c:
+        await c.getattr(c.root_fh, ROOT)
+        emu.stop()
+        await wait_for(lambda: c.offline)
+        done = trio.Event()
+
+        async def getattr_() -> None:
+            await c.getattr(c.root_fh, ROOT)
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(getattr_)
+            await trio.sleep(2.0)          # longer than a soft call would have waited
+            assert not done.is_set() and c.stats.failed_fast == 0
+            emu.start()
+            with trio.fail_after(5):
+                await done.wait()
+
+
+async def test_io_sizes_fit_the_replies_we_accept(export: Export,
+                                                  allow_log_warnings: None) -> None:
+    """rsize is capped below `max_record` (a READ of rsize used to come back too large,
+    drop the connection and be retried until `timeout`); a READ asking for more fails
+    at once, alone."""
+    limit = 1 << 20
+    async with connect(export, max_record=limit) as c:
+        assert c.info.rsize <= limit - 64 * 1024
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        await c.write(f, 0, b"x" * limit, ROOT, stable=StableHow.FILE_SYNC)
+        res = await c.read(f, 0, c.info.rsize, ROOT)
+        assert len(res.data) == c.info.rsize
+        with trio.fail_after(5):
+            with pytest.raises(ProtocolError, match="exceeds"):
+                await c.read(f, 0, limit, ROOT)
+        assert c.stats.reconnects == 0
+        await c.readdirplus(c.root_fh, 0, bytes(8), ROOT, maxcount=4 * limit)
+
+
+async def test_slow_uplink_is_not_taken_for_a_dead_connection(export: Export) -> None:
+    """While the writer is still getting a big call out on a slow uplink, nothing
+    comes back: that is not silence (the peer takes our bytes).  It used to be
+    probed, found silent (the NULL waits behind the WRITE) and dropped, again and
+    again, so the WRITE never got through."""
+    async with wan(export.server, LinkProfile(up_mbit=2)) as emu, \
+            connect(export, port=emu.port, timeo=0.5, timeout=20.0) as c:
+        f = fh_of(await c.create(c.root_fh, b"f", ROOT))
+        data = os.urandom(512 * 1024)               # ~2 s on the wire
+        res = await c.write(f, 0, data, ROOT, stable=StableHow.FILE_SYNC)
+        assert res.count == len(data)
+        assert c.stats.reconnects == 0
+        assert c.stats.proc("nfs3.WRITE").retransmits == 0
+
+
+async def test_readdirplus_of_odd_entries(export: Export) -> None:
+    """Issue 13.3 (`ls` failing with EINVAL after such a workload): symlinks with 2-4 KB
+    targets, character devices with large numbers, hard links, files chowned to
+    random ids, sparse files list in full, in one page or many, and read back."""
+    rnd = random.Random(13)
+    async with connect(export) as c:
+        d = fh_of(await c.mkdir(c.root_fh, b"odd", Sattr3(mode=0o777), ROOT))
+        targets: dict[bytes, bytes] = {}
+        files: list[bytes] = []
+        for i in range(60):
+            name = b"e%02d" % i
+            kind = i % 5
+            if kind == 0:
+                targets[name] = bytes(rnd.choice(b"ab/") for _ in range(rnd.randint(2048, 4095)))
+                await c.symlink(d, name, targets[name], Sattr3(), ROOT)
+            elif kind == 1:
+                await c.mknod(d, name, Ftype3.CHR, Sattr3(mode=0o644), ROOT,
+                              spec=(rnd.randint(0, 4095), rnd.randint(0, 2**20 - 1)))
+            elif kind == 2:
+                f = fh_of(await c.create(d, name, ROOT, attrs=Sattr3(mode=0o644)))
+                await c.setattr(f, Sattr3(size=rnd.randint(0, 70 * 2**20),
+                                          uid=rnd.randint(1, 2**31), gid=rnd.randint(1, 2**31)),
+                                ROOT)
+                files.append(name)
+            elif kind == 3:
+                f = fh_of(await c.lookup(d, rnd.choice(files), ROOT))
+                await c.link(f, d, name, ROOT)
+            else:
+                await c.mknod(d, name, Ftype3.FIFO, Sattr3(mode=0o600), ROOT)
+        expected = set(os.listdir(export.path / "odd"))
+        for dircount, maxcount in ((None, None), (1024, 4096)):
+            seen: dict[bytes, nfs3.EntryPlus3] = {}
+            cookie, verf = 0, bytes(8)
+            while True:
+                res = await c.readdirplus(d, cookie, verf, ROOT, dircount, maxcount)
+                verf = res.cookieverf
+                seen.update((e.name, e) for e in res.entries)
+                if res.eof:
+                    break
+                cookie = res.entries[-1].cookie
+            assert {n.decode() for n in seen} - {".", ".."} == expected
+            assert all(e.name_attributes is not None for n, e in seen.items()
+                       if n not in (b".", b".."))
+        for name, target in targets.items():
+            assert await c.readlink(fh_of(await c.lookup(d, name, ROOT)), ROOT) == target

@@ -184,11 +184,9 @@ class Store:
 
     @property
     def offline(self) -> bool:
-        """No connection to the server, and the last attempts failed (or it was lost):
-        serve what we have instead of waiting for a timeout per request."""
-        transport = self.client.transport
-        return not self.client.up and (transport.connected_once or
-                                       transport.last_error is not None)
+        """The server is known to be unreachable: serve what we have instead of
+        waiting for a timeout per request."""
+        return self.client.offline
 
     async def probe_name_max(self) -> None:
         """PATHCONF's name_max may promise more than the server's disk takes (ganesha

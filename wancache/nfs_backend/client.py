@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import mount3, nfs3, portmap
-from .errors import MountError, NfsError, ServerUnreachableError, WancacheError
+from .errors import MountError, NfsError, ProtocolError, ServerUnreachableError, WancacheError
 from .nfs3 import Fattr3, Proc, WccAttr
 from .stats import RpcStats
 from .transport import Cred, RpcTransport, TransportOptions
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PORTMAP_PORT = 111
 DEFAULT_IO_SIZE = 1 << 20
+REPLY_HEADROOM = 64 * 1024   # RPC and NFS headers around a READ's or READDIR's data
 
 # Observer of every attribute the server sends: (handle, attributes, pre-op attributes,
 # trio time at which the call that brought them was sent).
@@ -129,8 +130,16 @@ class NfsClient:
 
     @property
     def up(self) -> bool:
-        """True while connected to the server."""
+        """True while connected to the server and it answers."""
         return self.transport.up
+
+    @property
+    def offline(self) -> bool:
+        """The server is known to be unreachable (connection lost and reconnecting
+        fails, or calls time out with nothing heard since): soft-mount calls fail at
+        once, unsent, until a background probe sees it again.  Serve from the caches
+        instead of calling.  (`not up and not offline`: connecting, not known yet.)"""
+        return self.transport.offline
 
     def close(self) -> None:
         """Stop the NFS transport."""
@@ -184,13 +193,20 @@ class NfsClient:
         return res.data
 
     async def read(self, fh: bytes, offset: int, count: int, cred: Cred) -> nfs3.ReadRes:
+        """One READ.  It may be short (fewer bytes, `eof` false): READ the rest."""
         res: nfs3.ReadRes = await self.call(nfs3.ReadArgs(fh, offset, count), cred)
+        if res.count != len(res.data) or len(res.data) > count:
+            raise ProtocolError(f"READ reply says {res.count} bytes, carries "
+                                f"{len(res.data)}, {count} were asked for")
         return res
 
     async def write(self, fh: bytes, offset: int, data: bytes, cred: Cred,
                     stable: nfs3.StableHow = nfs3.StableHow.UNSTABLE) -> nfs3.WriteRes:
+        """One WRITE.  `count` may be short (fewer bytes written): WRITE the rest."""
         res: nfs3.WriteRes = await self.call(
             nfs3.WriteArgs(fh, offset, len(data), stable, data), cred)
+        if res.count > len(data):
+            raise ProtocolError(f"WRITE reply says {res.count} bytes of {len(data)} written")
         return res
 
     async def create(self, dir_fh: bytes, name: bytes, cred: Cred, *,
@@ -257,6 +273,7 @@ class NfsClient:
                           maxcount: int | None = None) -> nfs3.ReaddirplusRes:
         dircount = dircount or max(self.info.dtpref, 64 * 1024)
         maxcount = maxcount or max(self.info.rsize, dircount)
+        maxcount = min(maxcount, self.transport.options.max_record - REPLY_HEADROOM)
         res: nfs3.ReaddirplusRes = await self.call(
             nfs3.ReaddirplusArgs(dir_fh, cookie, cookieverf, dircount, maxcount), cred)
         return res
@@ -367,11 +384,13 @@ async def list_exports(host: str, port: int | None = None, *,
             await mnt.call(mount3.Proc.EXPORT, b"", None, idempotent=True))
 
 
-def _io_size(cap: int | None, pref: int, limit: int) -> int:
-    """READ/WRITE size: the option, else the server's preference capped at 1 MiB."""
+def _io_size(cap: int | None, pref: int, limit: int, max_record: int) -> int:
+    """READ/WRITE size: the option, else the server's preference capped at 1 MiB;
+    never more than the server's limit, nor than a reply we accept (`max_record`)."""
     size = cap or min(pref or DEFAULT_IO_SIZE, DEFAULT_IO_SIZE)
     if limit:
         size = min(size, limit)
+    size = min(size, (max_record - REPLY_HEADROOM) // 4096 * 4096)
     return max(4096, size)
 
 
@@ -414,8 +433,8 @@ async def open_client(nursery: trio.Nursery, host: str, export: bytes | str,
         raise
     info = ServerInfo(
         root_fh=root_fh, nfs_port=nfs_port, mount_port=mount_port,
-        rsize=_io_size(options.rsize, fsinfo.rtpref, fsinfo.rtmax),
-        wsize=_io_size(options.wsize, fsinfo.wtpref, fsinfo.wtmax),
+        rsize=_io_size(options.rsize, fsinfo.rtpref, fsinfo.rtmax, topts.max_record),
+        wsize=_io_size(options.wsize, fsinfo.wtpref, fsinfo.wtmax, topts.max_record),
         dtpref=max(fsinfo.dtpref, 8192), fsinfo=fsinfo, pathconf=pathconf)
     log.debug("mounted %s:%s (nfs port %d, rsize %d, wsize %d)", host, export_b, nfs_port,
               info.rsize, info.wsize)

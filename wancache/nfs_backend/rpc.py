@@ -346,18 +346,28 @@ class RecordReader:
     Feed whatever the socket returned; get back every record it completed.
     Each byte is copied twice at most (into the buffer, out into the record),
     so a stream of large records costs linear time however it is chunked.
-    After a ProtocolError the stream position is lost: close the connection.
+    A record longer than `max_record` raises ProtocolError, after which the
+    stream position is lost: close the connection.  With `skip_oversized`, such a
+    record is read past instead (never held in memory) and noted in `oversized`
+    as (xid, announced length); the xid is None if the record has fewer than 4
+    bytes.  The stream stays usable.
     """
 
-    __slots__ = ("_buf", "_frag_left", "_frags", "_last", "_max_record", "_record_len")
+    __slots__ = ("_buf", "_frag_left", "_frags", "_last", "_max_record", "_record_len",
+                 "_skip", "_skip_xid", "_skip_xid_known", "_skipping", "oversized")
 
-    def __init__(self, max_record: int = 64 * 2**20) -> None:
+    def __init__(self, max_record: int = 64 * 2**20, *, skip_oversized: bool = False) -> None:
         self._max_record = max_record
         self._buf = bytearray()
         self._frags: list[bytes] = []  # complete fragments of the current record
         self._record_len = 0  # bytes in self._frags plus the announced current fragment
         self._frag_left = -1  # length of the fragment being read; -1 = expect a header
         self._last = False
+        self._skip = skip_oversized
+        self._skipping = False  # reading past the current (oversized) record
+        self._skip_xid: int | None = None
+        self._skip_xid_known = False  # the xid was read, or can no longer be
+        self.oversized: list[tuple[int | None, int]] = []
 
     @property
     def buffered(self) -> int:
@@ -384,12 +394,19 @@ class RecordReader:
                 self._last = bool(mark & _LAST_FRAGMENT)
                 self._frag_left = mark & MAX_FRAGMENT
                 self._record_len += self._frag_left
-                if self._record_len > self._max_record:
-                    raise ProtocolError(
-                        f"RPC record of more than {self._max_record} bytes "
-                        f"({self._record_len} announced so far)"
-                    )
+                if self._record_len > self._max_record and not self._skipping:
+                    if not self._skip:
+                        raise ProtocolError(
+                            f"RPC record of more than {self._max_record} bytes "
+                            f"({self._record_len} announced so far)"
+                        )
+                    self._start_skipping()
             n = self._frag_left
+            if self._skipping:
+                pos = self._skip_bytes(buf, pos, end)
+                if self._frag_left >= 0:
+                    break
+                continue
             if end - pos < n:
                 break
             with memoryview(buf) as mv:
@@ -408,3 +425,30 @@ class RecordReader:
         if pos:
             del buf[:pos]
         return records
+
+    def _start_skipping(self) -> None:
+        self._skipping = True
+        first = b"".join(self._frags)[:4]
+        self._skip_xid = _U32.unpack(first)[0] if len(first) == 4 else None
+        self._skip_xid_known = bool(self._frags)
+        self._frags.clear()
+
+    def _skip_bytes(self, buf: bytearray, pos: int, end: int) -> int:
+        """Read past the oversized record's current fragment; the new position."""
+        if not self._skip_xid_known:
+            if self._frag_left >= 4 and end - pos < 4:
+                return pos      # wait for the xid (the first 4 bytes of the record)
+            if self._frag_left >= 4:
+                self._skip_xid = _U32.unpack_from(buf, pos)[0]
+            self._skip_xid_known = True
+        take = min(self._frag_left, end - pos)
+        pos += take
+        self._frag_left -= take
+        if self._frag_left == 0:
+            self._frag_left = -1
+            if self._last:
+                self.oversized.append((self._skip_xid, self._record_len))
+                self._skipping = self._skip_xid_known = False
+                self._skip_xid = None
+                self._record_len = 0
+        return pos

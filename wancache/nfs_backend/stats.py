@@ -37,6 +37,7 @@ class RpcStats:
     max_in_flight: int = 0
     reconnects: int = 0
     late_replies: int = 0
+    failed_fast: int = 0    # calls refused unsent while the server was known unreachable
 
     def proc(self, name: str) -> ProcStats:
         """The counters of `name`, created on first use."""
@@ -82,7 +83,7 @@ class RpcStats:
         """Zero the counters (calls in flight stay counted)."""
         self.procs.clear()
         self.max_in_flight = self.in_flight
-        self.reconnects = self.late_replies = 0
+        self.reconnects = self.late_replies = self.failed_fast = 0
 
     def snapshot(self) -> Counter[str]:
         """A copy of the per-procedure call counts (all programs), for diffs in tests."""

@@ -9,33 +9,51 @@ Failure handling (what we chose and why):
 
 * A connection that stays silent for `timeo` seconds while calls wait is probed
   with a NULL call; if that gets no answer within another `timeo` it is dropped.
-  Anything received (any reply) counts as life, so a saturated slow link is not
-  mistaken for a dead one.
+  Anything received (any reply) counts as life, and so does the server taking our
+  bytes once the socket buffer was full, so a saturated slow link, either way, is
+  not mistaken for a dead one.
 * Connections are re-established in the background with capped exponential backoff.
   A reconnect first tries the previous source port, so servers whose duplicate
   request cache (DRC) is keyed by client address and port can recognise a
   retransmission, as the Linux client does.
-* Calls not yet fully sent when a connection drops are simply sent again.  Sent
+* A call counts as sent once its last byte was handed to the kernel: from then on
+  the server may run it.  A call cut part-way cannot have run (a server runs only
+  whole records, and the rest of it never follows on a new connection), so after a
+  lost connection it is simply sent again; so is one never written.  Sent
   idempotent calls (see `nfs3.IDEMPOTENT`, which counts EXCLUSIVE CREATE as
   idempotent thanks to its verifier) are re-sent with the *same* XID.  A sent
   non-idempotent call (REMOVE, RENAME, MKDIR, ...) whose reply was lost has an
   unknown fate: it is not replayed blindly, `UnknownOutcomeError` is raised and
   the caller (who knows what it asked for) checks the server's state.
 * Soft mounts (`timeout` set, the default) fail a call with `RpcTimeoutError` or
-  `ServerUnreachableError` once `timeout` seconds passed; hard mounts
-  (`timeout=None`) retry until the caller's own cancel scope gives up.
+  `ServerUnreachableError` once `timeout` seconds passed, or `UnknownOutcomeError`
+  if it was non-idempotent and already on its way (the writer had started writing
+  it: it goes out whole unless the connection dies).  Hard mounts (`timeout=None`)
+  retry until the caller's own cancel scope gives up.
+* Fail fast while offline.  Once the transport knows the server is unreachable
+  (`offline`: the connection was lost and an attempt to reconnect failed, or a
+  call timed out with nothing heard from the server since it was made), a new
+  call on a soft mount waits at most `offline_wait` (1 s) for that to change, and
+  then fails with `ServerUnreachableError` without having been sent.  Reconnect
+  attempts (capped exponential backoff) and NULL probes go on in the background;
+  a waiting call also asks for one now (at most one every `KICK_SPACING` s), so
+  the first call after the server's return goes through.  Calls already made when
+  the link went down keep their full `timeout`.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
+import itertools
 import logging
 import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+import struct
+import termios
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -47,6 +65,7 @@ from .errors import (
     RpcTimeoutError,
     ServerUnreachableError,
     TransportClosedError,
+    TransportError,
     UnknownOutcomeError,
 )
 from .rpc import (
@@ -68,6 +87,7 @@ log = logging.getLogger(__name__)
 
 RESERVED_PORTS = range(1023, 664, -1)
 MAX_BATCH = 512 * 1024  # bytes the writer joins into one send
+KICK_SPACING = 0.5      # seconds between reconnect attempts asked for by waiting calls
 
 
 @functools.lru_cache(maxsize=4096)
@@ -85,6 +105,7 @@ class TransportOptions:
 
     timeout: float | None = 30.0    # soft mount: a call fails after this; None = hard
     timeo: float = 5.0              # silence before a connection is probed, then dropped
+    offline_wait: float = 1.0       # soft mount, server known unreachable: wait this long
     nconnect: int = 1
     resvport: bool = False
     connect_timeout: float = 10.0
@@ -108,7 +129,9 @@ class _Pending:
     record: bytes
     event: trio.Event = field(default_factory=trio.Event)
     reply: bytes | None = None
-    sent: bool = False
+    error: ProtocolError | None = None   # a reply came but cannot be taken
+    committed: bool = False   # the writer took it: it goes out whole unless the link dies
+    sent: bool = False        # every byte is with the kernel: the server may run it
     abandoned: bool = False
 
 
@@ -120,7 +143,9 @@ class _Connection:
         self.transport = transport
         self.pending: dict[int, _Pending] = {}
         self._send, self._queue = trio.open_memory_channel[_Pending](math.inf)
-        self.last_recv = trio.current_time()
+        self.last_recv = trio.current_time()    # when a reply last came
+        self.last_alive = self.last_recv        # ... or the peer last acked our bytes
+        self._written = self._acked = 0         # bytes given to the kernel, acked
         self.dead = False
         self._scope = trio.CancelScope()
         self._probe_lock = trio.Lock()
@@ -173,34 +198,50 @@ class _Connection:
                 with trio.move_on_after(timeo):
                     await p.event.wait()
                 if p.event.is_set():
+                    if p.error is not None:
+                        raise p.error
                     if p.reply is None:
                         raise _ConnectionLost(p.sent)
                     return p.reply
-                if trio.current_time() - self.last_recv >= timeo:
+                if trio.current_time() - self.last_alive >= timeo:
                     await self._probe(timeo)
         finally:
             p.abandoned = True
             self.pending.pop(p.xid, None)
 
     async def _probe(self, timeo: float) -> None:
-        """Send a NULL call; drop the connection if nothing at all comes back."""
+        """Ping a connection silent for `timeo`; drop it if nothing at all comes back."""
         async with self._probe_lock:
-            if self.dead or trio.current_time() - self.last_recv < timeo:
+            self._acks_moved()
+            if self.dead or trio.current_time() - self.last_alive < timeo:
                 return
-            t = self.transport
-            xid = t.next_xid()
-            record = frame_record(encode_call(xid, t.program, t.version, 0, AUTH_NONE_CRED, b""))
-            t.stats.started(t.proc_name(0), len(record))
-            started = trio.current_time()
+            if not await self.ping(timeo) and not self._acks_moved():
+                log.info("%s: no answer for %.1fs, reconnecting", self.transport.label,
+                         2 * timeo)
+                self.kill()
+
+    async def ping(self, timeo: float) -> bool:
+        """Send a NULL call: whether anything at all came back within `timeo`."""
+        t = self.transport
+        xid = t.next_xid()
+        record = frame_record(encode_call(xid, t.program, t.version, 0, AUTH_NONE_CRED, b""))
+        t.stats.started(t.proc_name(0), len(record))
+        started = trio.current_time()
+        p: _Pending | None = None
+        try:
             p = self.submit(xid, record)
             with trio.move_on_after(timeo):
                 await p.event.wait()
-            self.pending.pop(xid, None)
+        except _ConnectionLost:
+            pass
+        finally:
+            if p is not None:
+                p.abandoned = True
+                self.pending.pop(xid, None)
+            reply = p.reply if p is not None else None
             t.stats.finished(t.proc_name(0), trio.current_time() - started,
-                             len(p.reply or b""), ok=p.reply is not None)
-            if p.reply is None and self.last_recv < started:
-                log.info("%s: no answer for %.1fs, reconnecting", t.label, 2 * timeo)
-                self.kill()
+                             len(reply or b""), ok=reply is not None)
+        return reply is not None or self.last_recv >= started
 
     async def _writer(self) -> None:
         async for first in self._queue:
@@ -214,19 +255,49 @@ class _Connection:
                 batch.append(p)
                 size += len(p.record)
             batch = [p for p in batch if not p.abandoned]
-            if not batch:
-                continue
-            await self.stream.send_all(b"".join(p.record for p in batch))
-            for p in batch:
-                p.sent = True
+            if batch:
+                await self._write(batch)
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        """Write `batch` in order; each call is `sent` once its last byte is with the
+        kernel (a call written only in part when the connection fails cannot run)."""
+        for p in batch:
+            p.committed = True
+        data = memoryview(b"".join(p.record for p in batch))
+        ends = list(itertools.accumulate(len(p.record) for p in batch))
+        sock = self.stream.socket
+        done = i = 0
+        while done < len(data):
+            n = await sock.send(data[done:])
+            done += n
+            self._written += n
+            while i < len(batch) and ends[i] <= done:
+                batch[i].sent = True
+                i += 1
+
+    def _acks_moved(self) -> bool:
+        """Whether the peer acknowledged more of our bytes (TCP) since the last look: a
+        slow uplink still busy with a big call is not a silent connection."""
+        try:
+            raw = fcntl.ioctl(self.stream.socket.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return False    # not Linux, or closed: replies alone tell
+        acked = self._written - struct.unpack("i", raw)[0]
+        moved = acked > self._acked
+        self._acked = acked
+        if moved:
+            self.last_alive = trio.current_time()
+        return moved
 
     async def _reader(self) -> None:
-        reader = RecordReader(self.transport.options.max_record)
+        max_record = self.transport.options.max_record
+        reader = RecordReader(max_record, skip_oversized=True)
         while True:
             data = await self.stream.receive_some(256 * 1024)
             if not data:
                 return
-            self.last_recv = trio.current_time()
+            self.last_recv = self.last_alive = self.transport.last_recv = \
+                trio.current_time()
             if self.transport.unresponsive:
                 self.transport._answered()
             for record in reader.feed(data):
@@ -236,6 +307,16 @@ class _Connection:
                     continue
                 p.reply = record
                 p.event.set()
+            for xid, size in reader.oversized:   # fail that call, not every call
+                p = self.pending.pop(xid, None) if xid is not None else None
+                log.warning("%s: a reply of %d bytes exceeds the limit of %d (xid %s)",
+                            self.transport.label, size, max_record,
+                            "?" if xid is None else f"{xid:08x}")
+                if p is not None:
+                    p.error = ProtocolError(f"reply of {size} bytes from "
+                                            f"{self.transport.label} exceeds {max_record}")
+                    p.event.set()
+            reader.oversized.clear()
 
 
 class RpcTransport:
@@ -261,6 +342,10 @@ class RpcTransport:
         self.last_error: BaseException | None = None
         self.connected_once = False
         self.unresponsive = False    # a call timed out and nothing answered since
+        self.last_recv = -math.inf   # when a reply last came from the server
+        self._kicked = trio.Event()  # set: reconnect or probe now, not after the backoff
+        self._last_attempt = -math.inf
+        self._said_offline = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -270,6 +355,7 @@ class RpcTransport:
             async with trio.open_nursery() as nursery:
                 for i in range(max(1, self.options.nconnect)):
                     nursery.start_soon(self._keep_connected, i)
+                nursery.start_soon(self._probe_while_unresponsive)
                 task_status.started()
         self._closed = True
         self._notify()
@@ -288,6 +374,16 @@ class RpcTransport:
         """True while a connection is established and the server answers on it."""
         return not self.unresponsive and any(not c.dead for c in self._conns)
 
+    @property
+    def offline(self) -> bool:
+        """Known unreachable: no connection and the last attempt to make one failed,
+        or a call timed out with nothing heard from the server since.  New calls on
+        a soft mount then fail at once (after `offline_wait`) without being sent."""
+        if self._closed:
+            return False
+        return self.unresponsive or (self.last_error is not None and
+                                     not any(not c.dead for c in self._conns))
+
     def _answered(self) -> None:
         if self.unresponsive:
             self.unresponsive = False
@@ -299,19 +395,40 @@ class RpcTransport:
         await self._changed.wait()
 
     def _notify(self) -> None:
+        offline = self.offline
+        if offline != self._said_offline:
+            self._said_offline = offline
+            # Before the first connection the caller reports the failure; when
+            # unresponsive, a warning said it.
+            if offline and self.connected_once and not self.unresponsive:
+                log.info("server %s unreachable (%s): calls fail at once until it answers",
+                         self.label, self.last_error)
         self._changed.set()
         self._changed = trio.Event()
+
+    def _kick(self) -> None:
+        """Have the background loops try the server now, unless one just did."""
+        if trio.current_time() - self._last_attempt >= KICK_SPACING:
+            self._kicked.set()
+            self._kicked = trio.Event()
+
+    async def _pause(self, delay: float) -> None:
+        """Sleep `delay` seconds of backoff, or until a waiting call kicks."""
+        with trio.move_on_after(delay):
+            await self._kicked.wait()
 
     async def _keep_connected(self, slot: int) -> None:
         delay = self.options.backoff_min
         while not self._closed:
+            self._last_attempt = trio.current_time()
             try:
                 with trio.fail_after(self.options.connect_timeout):
                     stream = await self._connect(slot)
             except (OSError, trio.TooSlowError) as exc:
                 self.last_error = exc
                 log.debug("connect to %s failed: %s", self.label, exc)
-                await trio.sleep(delay)
+                self._notify()
+                await self._pause(delay)
                 delay = min(delay * 2, self.options.backoff_max)
                 continue
             conn = _Connection(stream, self)
@@ -331,7 +448,27 @@ class RpcTransport:
             if trio.current_time() - began > 10:
                 delay = self.options.backoff_min
             else:
-                await trio.sleep(delay)
+                await self._pause(delay)
+                delay = min(delay * 2, self.options.backoff_max)
+
+    async def _probe_while_unresponsive(self) -> None:
+        """While calls time out on a connection that is up, ping it with capped
+        backoff until the server answers (any reply clears `unresponsive`)."""
+        delay = self.options.backoff_min
+        while not self._closed:
+            live = [c for c in self._conns if not c.dead]
+            if not self.unresponsive or not live:
+                if not self.unresponsive:
+                    delay = self.options.backoff_min
+                await self._changed.wait()
+                continue
+            self._last_attempt = trio.current_time()
+            conn = live[0]
+            async with conn._probe_lock:
+                if not await conn.ping(self.options.timeo) and not conn._acks_moved():
+                    conn.kill()
+            if self.unresponsive:
+                await self._pause(delay)
                 delay = min(delay * 2, self.options.backoff_max)
 
     async def _connect(self, slot: int) -> trio.SocketStream:
@@ -371,7 +508,9 @@ class RpcTransport:
             live = [c for c in self._conns if not c.dead]
             if live:
                 return min(live, key=lambda c: len(c.pending))
-            await self._changed.wait()
+            self._kick()
+            with trio.move_on_after(KICK_SPACING):
+                await self._changed.wait()
 
     # -- calls ---------------------------------------------------------------------
 
@@ -392,16 +531,23 @@ class RpcTransport:
         RpcTimeoutError/ServerUnreachableError (soft timeout), UnknownOutcomeError.
         """
         name = self.proc_name(proc)
+        if self.options.timeout is not None and self.offline:
+            await self._wait_online()
         xid = self.next_xid()
         record = frame_record(encode_call(xid, self.program, self.version, proc,
                                           _opaque_auth(cred), args))
         self.stats.started(name, len(record))
         started = trio.current_time()
+        attempts: list[_Pending] = []
         reply: bytes | None = None
         try:
             async with self._slots:
-                with self._deadline():
-                    reply = await self._attempts(xid, record, name, idempotent)
+                timeout = self.options.timeout
+                with trio.move_on_after(math.inf if timeout is None else timeout):
+                    reply = await self._attempts(xid, record, name, idempotent, attempts)
+            if reply is None:
+                raise self._timed_out(name, started, idempotent,
+                                      bool(attempts) and attempts[-1].committed)
             return decode_reply(reply).body
         finally:
             self.stats.finished(name, trio.current_time() - started, len(reply or b""),
@@ -411,40 +557,55 @@ class RpcTransport:
                           "ok" if reply else "failed", (trio.current_time() - started) * 1e3,
                           len(record), len(reply or b""))
 
-    @contextmanager
-    def _deadline(self) -> Iterator[None]:
-        timeout = self.options.timeout
-        if timeout is None:
-            yield
-            return
-        try:
-            with trio.fail_after(timeout):
-                yield
-        except trio.TooSlowError:
-            connected = self.up
-            if not self.unresponsive and self.connected_once:
-                # Said once, not once per request; `up` is false until it answers.
-                # (Before the first connection the caller reports the failure.)
-                log.warning("server %s is not answering: calls fail after %gs",
-                            self.label, timeout)
-                self.unresponsive = True
-                self._notify()
-            if not connected:
-                why = f": {self.last_error}" if self.last_error else ""
-                raise ServerUnreachableError(
-                    f"server {self.label} unreachable for {timeout:g}s{why}") from None
-            raise RpcTimeoutError(
-                f"no reply from {self.label} within {timeout:g}s") from None
+    async def _wait_online(self) -> None:
+        """Soft mount, server known unreachable: wait `offline_wait` at most, asking
+        for a reconnect or probe meanwhile; then fail without sending anything."""
+        assert self.options.timeout is not None
+        deadline = trio.current_time() + min(self.options.offline_wait, self.options.timeout)
+        while self.offline and trio.current_time() < deadline:
+            self._kick()
+            next_kick = max(self._last_attempt, trio.current_time()) + KICK_SPACING
+            with trio.move_on_at(min(deadline, next_kick)):
+                await self._changed.wait()
+        if self.offline:
+            self.stats.failed_fast += 1
+            why = "it does not answer" if self.unresponsive else str(self.last_error)
+            raise ServerUnreachableError(
+                f"server {self.label} unreachable ({why}); call not sent") from None
 
-    async def _attempts(self, xid: int, record: bytes, name: str, idempotent: bool) -> bytes:
-        first = True
+    def _timed_out(self, name: str, started: float, idempotent: bool,
+                   on_its_way: bool) -> TransportError:
+        """The error for a call whose `timeout` ran out; marks the server unresponsive
+        if nothing at all came from it since the call was made."""
+        timeout = self.options.timeout
+        connected = self.up
+        if not self.unresponsive and self.connected_once and self.last_recv < started:
+            # Said once, not once per request; `up` is false until it answers.
+            # (Before the first connection the caller reports the failure.)
+            log.warning("server %s is not answering: calls fail at once until it does",
+                        self.label)
+            self.unresponsive = True
+            self._notify()
+        if on_its_way and not idempotent:
+            return UnknownOutcomeError(
+                f"{name}: no reply from {self.label} within {timeout:g}s to a call that "
+                "was sent; its outcome is unknown")
+        if not connected:
+            why = f": {self.last_error}" if self.last_error else ""
+            return ServerUnreachableError(
+                f"server {self.label} unreachable for {timeout:g}s{why}")
+        return RpcTimeoutError(f"no reply from {self.label} within {timeout:g}s")
+
+    async def _attempts(self, xid: int, record: bytes, name: str, idempotent: bool,
+                        attempts: list[_Pending]) -> bytes:
         while True:
             conn = await self._get_connection()
-            if not first:
+            if attempts:
                 self.stats.retransmitted(name, len(record))
-            first = False
             try:
-                return await conn.wait(conn.submit(xid, record))
+                p = conn.submit(xid, record)
+                attempts.append(p)
+                return await conn.wait(p)
             except _ConnectionLost as lost:
                 if lost.sent and not idempotent:
                     raise UnknownOutcomeError(
