@@ -112,12 +112,18 @@ async def open_block_store(cfg: Config, path: Path | None) -> BlockStore | None:
         raise ConfigError(f"cache_dir {path}: {exc}") from None
 
 
+def journal_cap(cfg: Config) -> int:
+    """The journal's own cap on cache_dir: twice max_dirty (room for the records
+    done but not yet given back), at least 64 MiB."""
+    return max(2 * cfg.max_dirty, 64 << 20)
+
+
 async def open_journal(cfg: Config) -> Journal | None:
     """The write-back journal under cache_dir (None when writing through)."""
     if not cfg.writeback or cfg.cache_dir is None:
         return None
     try:
-        return await Journal.open(cfg.cache_dir / "journal")
+        return await Journal.open(cfg.cache_dir / "journal", max_bytes=journal_cap(cfg))
     except JournalError as exc:
         raise ConfigError(f"write-back journal in {cfg.cache_dir}: {exc}") from None
 

@@ -45,7 +45,7 @@ from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime
 
 from .attrs import AttrCache, content_version, data_version
 from .flusher import NOW, Change, Flusher, FlushHooks, Outcome, Unresolvable
-from .journal import Journal
+from .journal import Journal, NotPendingError
 from .node import Node, local_fh
 from .nodes import NodeTable
 from .overlay import SERVER, WHITEOUT, ZERO, FileOp, NodeOverlay, Overlay
@@ -98,7 +98,7 @@ class WriteBack:
 
     def hooks(self, **others: Any) -> FlushHooks:
         """The flusher's hooks this layer answers (the caches' come in `others`)."""
-        return FlushHooks(read_data=self.journal.read, server_size=self._server_size,
+        return FlushHooks(read_data=self._read_record, server_size=self._server_size,
                           local_attrs=self.attrs_of,
                           read_ours=functools.partial(self._read_local, ours_only=True),
                           bound=self._bound, renamed=self._renamed, done=self._done,
@@ -141,8 +141,17 @@ class WriteBack:
 
     async def read(self, node: Node, offset: int, size: int, read_server: ReadServer) -> bytes:
         """`size` bytes at `offset` as users here see the file (fewer at its end)."""
+        while True:
+            try:
+                return await self._read_once(node, offset, size, read_server)
+            except NotPendingError:
+                continue    # flushed meanwhile: the overlay now says where those bytes are
+
+    async def _read_once(self, node: Node, offset: int, size: int,
+                         read_server: ReadServer) -> bytes:
         ov = self.overlay.get(node)
-        assert ov is not None and ov.file is not None
+        if ov is None or ov.file is None:
+            return await read_server(node, offset, size)
         parts: list[bytes] = []
         for piece in ov.file.pieces(offset, size):
             if piece.source == ZERO:
@@ -151,8 +160,14 @@ class WriteBack:
                 got = await read_server(node, piece.start, piece.length)
                 parts.append(got.ljust(piece.length, b"\0"))
             else:
-                parts.append(await self.journal.read(piece.source, piece.skip, piece.length))
+                parts.append(await self.journal.read(piece.source, piece.skip, piece.length,
+                                                     verify=False))
         return b"".join(parts)
+
+    async def _read_record(self, seq: int, skip: int, length: int) -> bytes:
+        """A write's bytes for the server: read back from the journal, its checksum
+        verified (a disk that changed them fails the flush, which is retried)."""
+        return await self.journal.read(seq, skip, length)
 
     async def _read_local(self, node: Node, offset: int, size: int, *,
                           ours_only: bool = False) -> bytes:
@@ -193,7 +208,8 @@ class WriteBack:
             self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
         record = encode_op(op, data)
         try:
-            op.seq = await self.journal.append(record)
+            op.seq = await self.journal.append(
+                record, deadline=trio.current_time() + self.cfg.dirty_wait)
         except BaseException:
             self._release_ids(ids)
             raise
@@ -633,18 +649,19 @@ class WriteBack:
         """The Op of every pending record (headers only), and those that fail to read."""
         ops: list[Op] = []
         bad: list[tuple[int, str]] = []
-        for seq, length in self.journal.pending_items():
+        for seq in self.journal.pending_seqs():
             try:
-                ops.append(self._header(seq, length))
+                ops.append(self._header(seq, self.journal.record_length(seq)))
             except ValueError as exc:
                 bad.append((seq, str(exc)))
         return ops, bad
 
     def _header(self, seq: int, length: int) -> Op:
-        n = header_length(self.journal.read_sync(seq, 0, PREFIX))
+        """(The journal checked every record when it opened.)"""
+        n = header_length(self.journal.read_sync(seq, 0, PREFIX, verify=False))
         if n > min(HEADER_MAX, length - PREFIX):
             raise ValueError("header too long")
-        return decode_op(seq, self.journal.read_sync(seq, 0, PREFIX + n), length)
+        return decode_op(seq, self.journal.read_sync(seq, 0, PREFIX + n, verify=False), length)
 
     async def _know_nodes(self, ops: list[Op]) -> list[Node]:
         """Nodes for every handle the records name (cached attributes, else GETATTR),
@@ -684,7 +701,7 @@ class WriteBack:
         is marked done."""
         data_len = op.data_len if op is not None else 0
         if op is None or data_len:
-            length = next((n for s, n in self.journal.pending_items() if s == seq), 0)
+            length = self.journal.record_length(seq)
             skip = op.data_skip if op is not None else 0
             data = await self.journal.read(seq, skip, data_len if op is not None else length)
             self._lost_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
