@@ -108,6 +108,11 @@ class Fault:
         return cls(short=max_bytes)
 
     @classmethod
+    def short_write(cls, max_bytes: int) -> Fault:
+        """WRITE takes only the first `max_bytes` bytes (its count says so)."""
+        return cls(short=max_bytes)
+
+    @classmethod
     def lose_reply(cls, error: TransportError | None = None) -> Fault:
         """The server acts; its reply is lost (see `lost` above)."""
         return cls(lost=True, error=error)
@@ -158,6 +163,9 @@ class FakeNfs:
         self.faults: dict[str, deque[Fault]] = {}   # proc -> faults of its next calls
         self.always: dict[str, Fault] = {}      # proc -> fault of every call
         self.applied: Counter[str] = Counter()  # proc -> calls the server acted on
+        # What the server did to files, in order: ("WRITE", fh, offset, length, uid),
+        # ("SETATTR", fh, sattr, uid).
+        self.log: list[tuple[Any, ...]] = []
 
     # -- faults --------------------------------------------------------------------
 
@@ -529,16 +537,19 @@ class FakeNfs:
         def act(sinks: Sinks, fault: Fault | None) -> nfs3.WriteRes:
             node = self._node(fh, "WRITE")
             before = self._wcc(node)
-            end = offset + len(data)
+            taken = data[:fault.short] if fault is not None and fault.short is not None \
+                else data
+            self.log.append(("WRITE", fh, offset, len(taken), cred.uid))
+            end = offset + len(taken)
             if len(node.data) < end:
                 node.data.extend(bytes(end - len(node.data)))
-            node.data[offset:end] = data
+            node.data[offset:end] = taken
             self._touch(node, size=len(node.data))
             sinks.append((fh, node.attrs, before))
             verf = self.verf
             for callback in self.on_write:
                 callback()
-            return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(data), stable,
+            return nfs3.WriteRes(S.NFS3_OK, WccData(before, node.attrs), len(taken), stable,
                                  verf)
         return await self._rpc("WRITE", act)
 
@@ -556,6 +567,7 @@ class FakeNfs:
             before = self._wcc(node)
             if guard is not None and guard != node.attrs.ctime:
                 raise NfsError(S.NFS3ERR_NOT_SYNC, "SETATTR")
+            self.log.append(("SETATTR", fh, attrs, cred.uid))
             if attrs.size is not None:
                 del node.data[attrs.size:]
                 node.data.extend(bytes(attrs.size - len(node.data)))

@@ -7,20 +7,24 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from tests.fakes import FakeNfs
+from tests.fakes import FakeNfs, Fault
 from wancache.cache.flusher import FlushStats
 from wancache.cache.journal import Journal
+from wancache.cache.records import Op, encode_op
 from wancache.cache.store import Store
 from wancache.cache.types import AttrChange
 from wancache.cache.writeback import WriteBack
 from wancache.config import build_config
 from wancache.creds import Cred
 from wancache.mount import build
-from wancache.nfs_backend.errors import NfsError
+from wancache.nfs_backend.errors import NfsError, RpcTimeoutError
 from wancache.nfs_backend.nfs3 import Nfsstat3
 
 ROOT = Cred.root()
@@ -284,3 +288,180 @@ async def test_writers_wait_then_get_enospc_beyond_max_dirty(tmp_path: Path,
         await store.write(f, 60_000, b"y" * 10_000, ROOT)
         await sync(store)
         assert fake.tree()["f"] == b"x" * 60_000 + b"y" * 10_000
+
+
+# -- regressions of issue 13 (each failed before the write-back rebuild) ----------------
+
+async def test_a_create_whose_reply_was_lost_is_ours_not_a_conflict(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    """A soft timeout on a CREATE that reached the server used to turn our own file
+    into a conflict copy: EXCLUSIVE with our verifier says it is ours."""
+    fake = FakeNfs()
+    fake.inject("CREATE", Fault.timeout_after_send(RpcTimeoutError("lost")))
+    async with stack(tmp_path, fake) as store:
+        f, _ = await store.create(store.root, b"mine", 0o644, ROOT, exclusive=True)
+        await store.write(f, 0, b"ours", ROOT)
+        await sync(store)
+        assert fake.tree() == {"mine": b"ours"}
+        assert fake.applied["CREATE"] == 2 and stats(store).conflicts == 0
+
+
+async def test_another_clients_file_of_that_name_is_still_a_conflict(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    fake = FakeNfs()
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        f, _ = await store.create(store.root, b"name", 0o644, ROOT, exclusive=True)
+        await store.write(f, 0, b"ours", ROOT)
+        fake.server_create("/name", b"theirs")
+        await sync(store)
+        tree = fake.tree()
+        assert tree["name"] == b"theirs"
+        assert [v for k, v in tree.items() if k.startswith("name.wancache-conflict-")] \
+            == [b"ours"]
+
+
+async def test_writes_of_two_users_go_with_their_own_credentials(tmp_path: Path) -> None:
+    fake = FakeNfs()
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        f, _ = await store.create(store.root, b"shared", 0o666, ROOT, exclusive=True)
+        await store.write(f, 0, b"root wrote this ", ROOT)
+        await store.write(f, 16, b"alice wrote this", ALICE)
+        await sync(store)
+        assert fake.tree()["shared"] == b"root wrote this alice wrote this"
+        writes = {(off, uid) for proc, _, off, _, uid in
+                  (e for e in fake.log if e[0] == "WRITE")}
+        assert writes == {(0, 0), (16, ALICE.uid)}
+
+
+async def test_the_flusher_finds_a_stale_handle_again(tmp_path: Path) -> None:
+    fake = FakeNfs()
+    fake.server_create("/d", is_dir=True)
+    fake.server_create("/d/f", b"old contents")
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        d, _ = await store.lookup(store.root, b"d", ROOT)
+        f, _ = await store.lookup(d, b"f", ROOT)
+        await store.write(f, 0, b"NEW", ROOT)
+        fake.server_rehandle("/d/f")           # the server forgot the old handle
+        await sync(store)
+        assert fake.tree() == {"d": {"f": b"NEW contents"}}
+
+
+async def test_a_short_write_is_continued(tmp_path: Path) -> None:
+    fake = FakeNfs()
+    fake.inject("WRITE", Fault.short_write(10), times=3)
+    async with stack(tmp_path, fake) as store:
+        f, _ = await store.create(store.root, b"f", 0o644, ROOT, exclusive=True)
+        blob = os.urandom(100)
+        await store.write(f, 0, blob, ROOT)
+        await sync(store)
+        assert fake.tree()["f"] == blob
+
+
+async def test_a_conflict_copy_is_whole_after_short_writes(tmp_path: Path,
+                                                           allow_log_warnings: None) -> None:
+    fake = FakeNfs()
+    fake.server_create("/doc", b"original")
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        doc, _ = await store.lookup(store.root, b"doc", ROOT)
+        await store.write(doc, 0, b"OURS, a longer version", ROOT)
+        fake.server_write("/doc", b"theirs")
+        fake.inject("WRITE", Fault.short_write(5), times=2)
+        await sync(store)
+        copies = [v for k, v in fake.tree().items() if ".wancache-conflict-" in k]
+        assert copies == [b"OURS, a longer version"]
+
+
+async def test_saving_to_lost_found_failing_keeps_the_data(tmp_path: Path,
+                                                          allow_log_warnings: None) -> None:
+    """An error while saving to lost+found used to end the mount: the change stays
+    journaled and is tried again, and saved once it can be."""
+    fake = FakeNfs()
+    (tmp_path / "lost+found").write_text("a file where the directory should be")
+    async with stack(tmp_path, fake, "writeback_delay=0") as store:
+        fake.inject("CREATE", Fault.refuse(NfsError(Nfsstat3.NFS3ERR_ACCES)), times=None)
+        f, _ = await store.create(store.root, b"denied", 0o644, ALICE, exclusive=True)
+        await store.write(f, 0, b"precious", ALICE)
+        with trio.fail_after(5):
+            while not stats(store).retries:
+                await trio.sleep(0.05)
+        assert wb(store).pending_ops == 2     # kept: nothing dropped
+        (tmp_path / "lost+found").unlink()
+        wb(store).flusher.hurry_all()
+        with pytest.raises(OSError):
+            await sync(store)
+    saved = list((tmp_path / "lost+found").iterdir())
+    assert [p.read_bytes() for p in saved] == [b"precious"]
+
+
+async def test_replay_saves_and_completes_records_it_cannot_resolve(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    """Such records used to be skipped but never completed: the journal was pinned
+    for ever and read whole at every mount."""
+    fake = FakeNfs()
+    journal = await Journal.open(tmp_path / "journal")
+    orphan = Op("write", node="l12345", offset=0, time_ns=1)
+    await journal.append(encode_op(orphan, b"written to a file nobody knows"))
+    await journal.close()
+    async with stack(tmp_path, fake) as store:
+        assert wb(store).pending_ops == 0
+        await wb(store).drain()
+        assert not list(wb(store).journal.pending_seqs())
+    saved = list((tmp_path / "lost+found").iterdir())
+    assert [p.read_bytes() for p in saved] == [b"written to a file nobody knows"]
+
+
+async def test_a_truncate_is_never_reordered_around_writes(tmp_path: Path) -> None:
+    """The ordering rule: writes between two truncates may be coalesced; a truncate
+    is sent after the writes before it and before the writes after it."""
+    fake = FakeNfs()
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        f, _ = await store.create(store.root, b"f", 0o644, ROOT, exclusive=True)
+        await store.write(f, 0, b"a" * 100, ROOT)
+        await store.write(f, 50, b"b" * 100, ROOT)
+        await store.setattr(f, AttrChange(size=20), ROOT)
+        await store.write(f, 200, b"c" * 10, ROOT)
+        await store.setattr(f, AttrChange(size=205), ROOT)
+        fake.log.clear()
+        await sync(store)
+        fh = fake.path("/f").fh
+        steps = [(e[0], e[2], e[3]) if e[0] == "WRITE" else ("SIZE", e[2].size)
+                 for e in fake.log if e[1] == fh and (e[0] == "WRITE" or e[2].size is not None)]
+        assert steps == [("WRITE", 0, 150), ("SIZE", 20), ("WRITE", 200, 10), ("SIZE", 205)]
+        assert fake.tree()["f"] == b"a" * 20 + bytes(180) + b"c" * 5
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("w"), st.integers(0, 3000), st.integers(1, 700)),
+    st.tuples(st.just("t"), st.integers(0, 3000)),
+    st.tuples(st.just("flush"))), min_size=1, max_size=30))
+def test_random_writes_truncates_and_flushes_reach_the_server_as_made(
+        tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[Any, ...]]) -> None:
+    """Whatever the flusher has done by the time of each read, and wherever its
+    batches were cut, the file reads as the model and reaches the server as it."""
+    async def run() -> None:
+        tmp = tmp_path_factory.mktemp("wb")
+        fake = FakeNfs(latency=0.001)
+        fake.server_create("/f", b"base" * 500)
+        async with stack(tmp, fake, "writeback_delay=0") as store:
+            f, _ = await store.lookup(store.root, b"f", ROOT)
+            model = bytearray(b"base" * 500)
+            for i, op in enumerate(ops):
+                if op[0] == "w":
+                    data = bytes([i % 250 + 1]) * op[2]
+                    await store.write(f, op[1], data, ROOT)
+                    model.extend(bytes(max(0, op[1] - len(model))))
+                    model[op[1]:op[1] + op[2]] = data
+                elif op[0] == "t":
+                    await store.setattr(f, AttrChange(size=op[1]), ROOT)
+                    del model[op[1]:]
+                    model.extend(bytes(op[1] - len(model)))
+                else:
+                    await sync(store)
+                assert await store.read(f, 0, 10_000, ROOT) == bytes(model)
+            await sync(store)
+            assert fake.tree()["f"] == bytes(model)
+            assert await store.read(f, 0, 10_000, ROOT) == bytes(model)
+
+    trio.run(run)

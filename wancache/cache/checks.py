@@ -62,6 +62,8 @@ def setattr_fields(f: FileState, change: AttrChange, cred: Cred, *,
     if stat.S_IMODE(inode.mode) != stat.S_IMODE(f.mode) or change.mode is not None:
         fields["mode"] = stat.S_IMODE(inode.mode)
     fields.update(_times(_inode(f), caller, change))
+    if "size" in fields and "mtime" not in fields:
+        fields["mtime"] = NOW_FIELD      # a truncate is a data change (O_TRUNC, ...)
     return fields
 
 

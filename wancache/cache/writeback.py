@@ -274,7 +274,10 @@ class WriteBack:
         ov = self.overlay.get(node)
         if ov is not None and ov.base_version is not None:
             return ov.base_version
-        return content_version(self.attrs_of(node))
+        entry = self.attrs.peek(node.fh)     # the server's, not as shown here
+        if entry is None:
+            raise OSError(errno.EIO, "no attributes for a node being changed")
+        return content_version(entry.attrs)
 
     async def _wait_for_room(self, size: int) -> None:
         """Writers wait while max_dirty bytes (or MAX_PENDING changes) are unflushed;
@@ -385,6 +388,10 @@ class WriteBack:
         """Put record `op` into the overlay and hand it to the flusher."""
         if op.kind == "bind":
             return
+        if op.base and not replaying:
+            # What the change applies to now: a flush may have completed while its
+            # record was being appended (the record keeps the base for a replay).
+            op.base = self._base_version(self._node(op.node))
         change = getattr(self, f"_apply_{op.kind if op.kind not in CREATES else 'create'}")(
             op, NfsTime.from_ns(op.time_ns))
         if change is None:
