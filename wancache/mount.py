@@ -186,6 +186,9 @@ async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = N
                                  file_changed=own.file_changed)
         wb.read_server = store.read_server
         wb.read_cached = store.read_cached
+        if data is not None:
+            held = data
+            wb.hold = lambda node, on: held.hold(node.key) if on else held.release(node.key)
         wb.settled = lambda node, local: own.times.keep(node.fh, local)
         wb.shown = lambda node, server: own.times.show(node.fh, server)
         await wb.replay()

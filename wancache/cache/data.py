@@ -123,6 +123,7 @@ class DataCache:
         self.block_size = cfg.block_size
         self._nursery = nursery
         self._flights: SingleFlight[BlockKey, bytes] = SingleFlight()
+        self._held: set[str] = set()      # files whose blocks local changes apply to
         self._recent: OrderedDict[BlockKey, bytes] = OrderedDict()
         self._recent_bytes = 0
         in_flight = max(2, min(FETCH_BLOCKS, FETCH_BYTES // self.block_size))
@@ -139,10 +140,27 @@ class DataCache:
 
     # -- invalidation ----------------------------------------------------------------
 
+    def hold(self, key: str) -> None:
+        """Keep file `key`'s cached blocks when another version of it is seen (local
+        changes apply to them: a conflict copy reads them), until `release`."""
+        self._held.add(key)
+
+    def release(self, key: str) -> None:
+        self._held.discard(key)
+
+    async def cached_block(self, key: str, version: str, idx: int) -> bytes | None:
+        """Block `idx` of version `version` of file `key` if it is cached (RAM, disk)."""
+        data = self._recent.get((key, version, idx))
+        if data is None and self.blocks is not None:
+            data = await self.blocks.get(key, version, idx)
+        return data
+
     def attrs_changed(self, fh: bytes, old: Fattr3 | None, new: Fattr3,
                       ours: bool) -> None:
-        """AttrCache listener: a file's version changed, its old blocks are garbage."""
-        if old is None or data_version(old) == data_version(new):
+        """AttrCache listener: a file's version changed, its old blocks are garbage
+        (unless held)."""
+        if old is None or data_version(old) == data_version(new) or \
+                f"{new.fsid:x}-{new.fileid:x}" in self._held:
             return
         # The old version's blocks leave the block store at the next checkpoint, not
         # at once: write-back still reads its base version for a conflict copy.

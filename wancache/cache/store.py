@@ -848,16 +848,18 @@ class Store:
                           size: int) -> bytes | None:
         """`node`'s bytes as of `version` from the block cache, None if it has not all
         of them (a conflict copy: the server's bytes are another client's now)."""
-        blocks = self.data.blocks if self.data is not None else None
+        if self.data is None:
+            return None
         bs = self.cfg.block_size
         parts: list[bytes] = []
         for idx in range(offset // bs, (offset + size + bs - 1) // bs):
-            block = await blocks.get(node.key, version, idx) if blocks is not None else None
+            block = await self.data.cached_block(node.key, version, idx)
             if block is None:
                 return None
             parts.append(block)
         start = offset - (offset // bs) * bs
-        return b"".join(parts)[start:start + size]
+        got = b"".join(parts)[start:start + size]
+        return got if len(got) == size else None
 
     async def _read_server(self, node: Node, offset: int, size: int, cred: Cred,
                            ra: ReadAhead | None, direct: bool) -> bytes:

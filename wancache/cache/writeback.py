@@ -86,6 +86,7 @@ class WriteBack:
         self.read_cached: Callable[[Node, str, int, int], Awaitable[bytes | None]] | None = None
         self.settled: Callable[[Node, Fattr3], None] = lambda node, attrs: None
         self.shown: Callable[[Node, Fattr3], Fattr3] = lambda node, attrs: attrs
+        self.hold: Callable[[Node, bool], None] = lambda node, held: None
         self._failures: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
         self._lrefs: dict[int, int] = {}           # local id -> unfinished records naming it
         self._binds: dict[int, int] = {}           # local id -> seq of its BIND record
@@ -478,6 +479,7 @@ class WriteBack:
             ov.base_version = base
             entry = self.attrs.peek(node.fh)
             ov.base_data = data_version(entry.attrs) if entry is not None else ""
+            self.hold(node, True)
 
     def _apply_write(self, op: Op, now: NfsTime) -> Change:
         node = self._node(op.node)
@@ -562,6 +564,8 @@ class WriteBack:
                     del ov.entries[name], ov.entry_seq[name]
                 if ov.idle or node is drop:
                     self.overlay.drop(ov.node)
+                    if ov.base_data:
+                        self.hold(ov.node, False)
                     if not ov.node.is_local:
                         self.settled(ov.node, ov.attrs)
         seqs = [c.seq for c in changes]
