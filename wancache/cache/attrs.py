@@ -156,8 +156,12 @@ class AttrCache:
         such calls still on their way are ignored.  `after`: the attributes the
         change's last call (sent at `sent`) returned, which do show it."""
         self._barriers[fh] = done
-        old = self._entries.pop(fh, None)
-        if after is not None and self.enabled:
+        old = self._entries.get(fh)
+        if after is None:
+            if old is not None:     # kept (the last we knew), but asked again first
+                self._entries[fh] = AttrEntry(old.attrs, -math.inf, 0.0)
+            return
+        if self.enabled:
             lo, _ = self._bounds(after)
             self._entries[fh] = AttrEntry(after, done if sent is None else sent, lo)
             if old is not None and version(old.attrs) != version(after):

@@ -54,6 +54,7 @@ from wancache.nfs_backend.errors import (
     NfsError,
     ProtocolError,
     TransportError,
+    XdrError,
 )
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3, StableHow
 
@@ -72,6 +73,7 @@ SMALL_WRITE = 64 << 10      # a batch of one WRITE up to this size is FILE_SYNC
 BATCH_CHANGES = 4096        # changes in one batch at most
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 TRANSIENT = {Nfsstat3.NFS3ERR_JUKEBOX, Nfsstat3.NFS3ERR_SERVERFAULT, Nfsstat3.NFS3ERR_IO}
+STALE_ATTEMPTS = 3          # a handle still stale after this many tries is gone
 CREATES = ("create", "mkdir", "symlink", "mknod")
 DATA = ("write", "setattr")
 NOW = -1                    # an attribute time meaning "now"
@@ -469,21 +471,12 @@ class Flusher:
 
     async def _job(self, batch: list[Pending]) -> None:
         try:
-            outcome = await self._execute(batch)
-        except Unresolvable:
-            await self._lose(batch, "its directory could not be created on the server")
-        except (TransportError, ProtocolError) as exc:
-            self._retry(batch, exc)
-        except NfsError as exc:
-            if exc.status in TRANSIENT or exc.status in STALE:
-                self._retry(batch, exc)
-            else:
-                await self._lose(batch, f"the server refused {batch[0].change.kind}: {exc}")
-        except OSError as exc:    # the local disk (reading the journal): keep the data
-            self._retry(batch, exc)
-        except Exception as exc:   # a bug: keep the data, keep the mount
-            log.exception("write-back of %s failed unexpectedly", batch[0].change.kind)
-            await self._lose(batch, f"internal error: {exc}")
+            try:
+                outcome = await self._execute(batch)
+            except BaseExceptionGroup as group:      # from the WRITEs in flight
+                raise _first_error(group) from None
+        except Exception as exc:
+            await self._failed(batch, exc)
         else:
             self.stats.server_down = False
             self.stats.ops_flushed += len(batch)
@@ -493,6 +486,26 @@ class Flusher:
         finally:
             self._running -= 1
             self._wake()
+
+    async def _failed(self, batch: list[Pending], exc: Exception) -> None:
+        """Retry what may work later; give up (the `lost` hook saves the data) on
+        what never will.  Never raises: a failing flush must not end the mount."""
+        try:
+            verdict = verdict_of(exc, batch[0].attempts)
+            if verdict == "retry":
+                self._retry(batch, exc)
+                return
+            if verdict == "bug":
+                log.error("write-back of %s failed unexpectedly", batch[0].change.kind,
+                          exc_info=exc)
+            await self._lose(batch, f"the server refused {batch[0].change.kind}: {exc}"
+                             if isinstance(exc, NfsError) else
+                             "its directory could not be created on the server"
+                             if isinstance(exc, Unresolvable) else f"internal error: {exc}")
+        except Exception:
+            log.exception("handling a failed write-back of %s failed; it is kept and "
+                          "tried again", batch[0].change.kind)
+            self._retry(batch, exc)
 
     def _retry(self, batch: list[Pending], exc: BaseException) -> None:
         first = batch[0]
@@ -733,6 +746,7 @@ class Flusher:
         c = p.change
         parent = c.parent
         assert parent is not None
+        sent = trio.current_time()
         try:
             res = await self.nodes.on(c.node, c.cred, lambda fh: self.client.link(
                 fh, self._fh(parent), c.name, c.cred))
@@ -743,7 +757,7 @@ class Flusher:
             raise
         self._h.dir_changed(parent, res.linkdir_wcc, c.name, added=c.node,
                             added_attrs=res.file_attributes)
-        self._h.file_changed(c.node, None, None)     # its nlink and ctime changed
+        self._h.file_changed(c.node, res.file_attributes, sent)    # nlink, ctime
 
     async def _is(self, parent: Node, name: bytes, node: Node, cred: Cred) -> bool:
         look = await self._lookup(parent, name, cred)
@@ -953,6 +967,37 @@ class Flusher:
             if res.count <= 0 or res.count > len(view):
                 raise NfsError(Nfsstat3.NFS3ERR_IO, f"WRITE wrote {res.count} bytes")
             offset, view = offset + res.count, view[res.count:]
+
+
+def verdict_of(exc: Exception, attempts: int) -> str:
+    """What a failed flush of a batch calls for: "retry" (the server is away or
+    busy, a handle went stale, the local disk failed: the data is kept), "lose" (the
+    server refuses it for good, or it names a node that never reached the server),
+    "bug" (anything else; lost too, with a traceback logged)."""
+    if isinstance(exc, Unresolvable):
+        return "lose"
+    if isinstance(exc, NfsError):
+        stale = exc.status in STALE and attempts < STALE_ATTEMPTS
+        return "retry" if exc.status in TRANSIENT or stale else "lose"
+    if isinstance(exc, XdrError):
+        return "bug"          # we could not encode the call: sending it again cannot help
+    if isinstance(exc, TransportError | ProtocolError | OSError):
+        return "retry"
+    return "bug"
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a failed group of calls stands for: its first one that is not a
+    cancellation (a group of cancellations only is raised as it is)."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if not isinstance(e, trio.Cancelled)), group)
 
 
 def _time(value: int | None, may_set: bool) -> NfsTime | nfs3.TimeHow | None:
