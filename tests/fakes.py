@@ -455,6 +455,10 @@ class FakeNfs:
                     cred: Cred) -> nfs3.DirOpRes:
         return await self._dirop("MKDIR", dir_fh, name, Ftype3.DIR, attrs, cred)
 
+    async def mknod(self, dir_fh: bytes, name: bytes, ftype: Ftype3, attrs: Sattr3,
+                    cred: Cred, spec: tuple[int, int] | None = None) -> nfs3.DirOpRes:
+        return await self._dirop("MKNOD", dir_fh, name, ftype, attrs, cred)
+
     async def symlink(self, dir_fh: bytes, name: bytes, target: bytes, attrs: Sattr3,
                       cred: Cred) -> nfs3.DirOpRes:
         return await self._dirop("SYMLINK", dir_fh, name, Ftype3.LNK, attrs, cred,
@@ -478,8 +482,11 @@ class FakeNfs:
             if fh is None:
                 raise NfsError(S.NFS3ERR_NOENT, "RENAME")
             old = dst.children.get(to_name)
-            if old is not None and old != fh:
-                del self.nodes[old]
+            if old is not None and old != fh:    # the replaced name: one link less
+                gone = self.nodes[old]
+                gone.attrs = replace(gone.attrs, nlink=gone.attrs.nlink - 1)
+                if gone.attrs.nlink <= 0 or gone.attrs.type is Ftype3.DIR:
+                    del self.nodes[old]
             dst.children[to_name] = fh
             self._touch(src, size=len(src.children))
             if dst is not src:

@@ -491,6 +491,14 @@ class Flusher:
         """Retry what may work later; give up (the `lost` hook saves the data) on
         what never will.  Never raises: a failing flush must not end the mount."""
         try:
+            if isinstance(exc, NfsError) and exc.status in STALE and \
+                    self._removed(batch[0].change.node):
+                # Its last name is gone here too (removed while this waited): there is
+                # nothing left to change.
+                self._h.done([p.change for p in batch], Outcome())
+                for p in batch:
+                    self._finish(p)
+                return
             verdict = verdict_of(exc, batch[0].attempts)
             if verdict == "retry":
                 self._retry(batch, exc)
@@ -503,9 +511,16 @@ class Flusher:
                              "its directory could not be created on the server"
                              if isinstance(exc, Unresolvable) else f"internal error: {exc}")
         except Exception:
-            log.exception("handling a failed write-back of %s failed; it is kept and "
-                          "tried again", batch[0].change.kind)
+            log.exception("handling a failed write-back of %s of %r failed; it is kept "
+                          "and tried again", batch[0].change.kind, batch[0].change.node.path())
             self._retry(batch, exc)
+
+    def _removed(self, node: Node) -> bool:
+        """Has `node` no name left, as users here see it?"""
+        try:
+            return node.gone or self._h.local_attrs(node).nlink == 0
+        except OSError:
+            return False
 
     def _retry(self, batch: list[Pending], exc: BaseException) -> None:
         first = batch[0]

@@ -29,7 +29,7 @@ class Node:
     ftype: Ftype3
     parent: Node | None = None
     name: bytes = b""
-    gone: bool = field(default=False)   # removed on the server by us
+    gone: bool = field(default=False)   # its last name removed by us
     local_id: int | None = None         # created here: the write-back layer's id for it
 
     @classmethod

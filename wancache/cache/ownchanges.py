@@ -155,7 +155,9 @@ class OwnChanges:
             self.data.changed(node.key)
 
     def file_removed(self, node: Node) -> None:
-        """`node`'s last name is gone on the server: its cached blocks are garbage."""
+        """`node`'s last name is gone (here at once, on the server once flushed): a
+        path looked up before is ENOENT from now on; its cached blocks are garbage."""
+        node.gone = True
         self.times.forget(node.fh)
         if self.data is not None and node.ftype is Ftype3.REG:
             self.data.forget(node.key)

@@ -22,7 +22,8 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -160,6 +161,8 @@ class Store:
         self._open_versions: LRUCache[str, str] = LRUCache(cfg.attr_entries)
         self.name_max = client.info.name_max
         self._siblings_read: LRUCache[bytes, float] = LRUCache(SIBLING_ENTRIES)
+        self._dir_locks: weakref.WeakKeyDictionary[Node, trio.Lock] = \
+            weakref.WeakKeyDictionary()
         self._fsstat: tuple[float, nfs3.FsstatRes] | None = None
 
     def restore(self, saved: SavedState) -> None:
@@ -426,18 +429,19 @@ class Store:
                       fd_writable: bool | None = None) -> Attrs:
         """Change attributes, after the checks chmod, chown, truncate and utimensat
         make on a local file system (`fd_writable`: through an fd, see checks)."""
-        current = await self._attrs(node, cred)     # the base the change applies to
-        fields = checks.setattr_fields(self._state(current), change, cred,
-                                       fd_writable=fd_writable,
-                                       max_size=self.info.max_file_size)
-        forced = {}
-        if "mode" in fields and cred.uid not in (0, current.uid):
-            forced["mode"] = fields.pop("mode")   # setuid/setgid a truncate cleared
-        if fields:
-            current = await self.writes.setattr(node, fields, cred)
-        if forced:
-            current = await self._force_mode(node, current, forced["mode"])
-        return Attrs.of(current)
+        async with self._locked(node):
+            current = await self._alive(node, cred)   # the base the change applies to
+            fields = checks.setattr_fields(self._state(current), change, cred,
+                                           fd_writable=fd_writable,
+                                           max_size=self.info.max_file_size)
+            forced = {}
+            if "mode" in fields and cred.uid not in (0, current.uid):
+                forced["mode"] = fields.pop("mode")   # setuid/setgid a truncate cleared
+            if fields:
+                current = await self.writes.setattr(node, fields, cred)
+            if forced:
+                current = await self._force_mode(node, current, forced["mode"])
+            return Attrs.of(current)
 
     async def _force_mode(self, node: Node, current: Fattr3, mode: int) -> Fattr3:
         """Clear setuid/setgid as a write or truncate by someone else than the owner
@@ -508,23 +512,38 @@ class Store:
     def _check_name(self, name: bytes) -> None:
         checks.name(name, self.name_max)
 
+    @contextlib.asynccontextmanager
+    async def _locked(self, *dirs: Node | None) -> AsyncIterator[None]:
+        """Changes to these directories' names and to these nodes one at a time: what
+        a change checks (is the name free, is the directory empty, has the node a
+        name left) still holds when it is applied, whatever other requests do
+        meanwhile.  Locks are taken in one global order."""
+        async with contextlib.AsyncExitStack() as stack:
+            for d in sorted({d for d in dirs if d is not None}, key=id):
+                lock = self._dir_locks.get(d)
+                if lock is None:
+                    lock = self._dir_locks[d] = trio.Lock()
+                await stack.enter_async_context(lock)
+            yield
+
     async def _new(self, parent: Node, name: bytes, ftype: Ftype3, mode: int, cred: Cred, *,
                    exclusive: bool = True, target: bytes = b"",
                    rdev: tuple[int, int] = (0, 0)) -> tuple[Node, Attrs]:
         """Create `name` in `parent` (EEXIST if it exists, unless a non-exclusive
         create of a regular file, which opens what is there)."""
         self._check_name(name)
-        if self.journaled:
-            found = await self._existing(parent, name, cred)
-            if found is not None:
-                if exclusive or ftype is not Ftype3.REG:
-                    raise StoreError(errno.EEXIST, "exists")
-                return found[0], Attrs.of(found[1])
-        create = functools.partial(self.writes.create, parent, name, ftype, mode, cred,
-                                   target=target, rdev=rdev)
-        if not self.journaled and ftype is Ftype3.REG:
-            create = functools.partial(create, exclusive=exclusive)
-        node, attrs = await create()
+        async with self._locked(parent):
+            if self.journaled:
+                found = await self._existing(parent, name, cred)
+                if found is not None:
+                    if exclusive or ftype is not Ftype3.REG:
+                        raise StoreError(errno.EEXIST, "exists")
+                    return found[0], Attrs.of(found[1])
+            create = functools.partial(self.writes.create, parent, name, ftype, mode, cred,
+                                       target=target, rdev=rdev)
+            if not self.journaled and ftype is Ftype3.REG:
+                create = functools.partial(create, exclusive=exclusive)
+            node, attrs = await create()
         return node, Attrs.of(attrs)
 
     async def create(self, parent: Node, name: bytes, mode: int, cred: Cred, *,
@@ -553,28 +572,52 @@ class Store:
 
     async def link(self, node: Node, parent: Node, name: bytes, cred: Cred) -> Attrs:
         self._check_name(name)
-        if self.journaled:
-            if await self._existing(parent, name, cred) is not None:
-                raise StoreError(errno.EEXIST, "exists")
-            await self._attrs(node, cred)
-        return Attrs.of(await self.writes.link(node, parent, name, cred))
+        async with self._locked(parent, node):
+            if self.journaled:
+                if await self._existing(parent, name, cred) is not None:
+                    raise StoreError(errno.EEXIST, "exists")
+                await self._alive(node, cred)
+            return Attrs.of(await self.writes.link(node, parent, name, cred))
+
+    async def _alive(self, node: Node, cred: Cred) -> Fattr3:
+        """`node`'s attributes; ENOENT if its last name went meanwhile (a path looked
+        up before another request removed it)."""
+        if node.gone:
+            raise NfsError(NOENT, "removed")
+        attrs = await self._attrs(node, cred)
+        if attrs.nlink == 0:
+            raise NfsError(NOENT, "removed")
+        return attrs
 
     async def remove(self, parent: Node, name: bytes, cred: Cred) -> None:
-        node, attrs = await self._child(parent, name, cred, "REMOVE")
-        if attrs.type is Ftype3.DIR:
-            raise StoreError(errno.EISDIR, "is a directory")
-        await self.writes.remove(parent, name, node, cred, is_dir=False)
+        while True:
+            child, _ = await self._child(parent, name, cred, "REMOVE")
+            async with self._locked(parent, child):
+                node, attrs = await self._child(parent, name, cred, "REMOVE")
+                if node is not child:
+                    continue       # replaced meanwhile: lock that one instead
+                if attrs.type is Ftype3.DIR:
+                    raise StoreError(errno.EISDIR, "is a directory")
+                await self.writes.remove(parent, name, node, cred, is_dir=False)
+                break
         if attrs.nlink <= 1:
             self.own.file_removed(node)
 
     async def rmdir(self, parent: Node, name: bytes, cred: Cred) -> None:
-        node, attrs = await self._child(parent, name, cred, "RMDIR")
-        if self.journaled:
-            if attrs.type is not Ftype3.DIR:
-                raise StoreError(errno.ENOTDIR, "not a directory")
-            if await self._has_entries(node, cred):
-                raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RMDIR")
-        await self.writes.remove(parent, name, node, cred, is_dir=True)
+        while True:
+            child, _ = await self._child(parent, name, cred, "RMDIR")
+            async with self._locked(parent, child if child.is_dir else None):
+                node, attrs = await self._child(parent, name, cred, "RMDIR")
+                if node is not child:
+                    continue       # replaced meanwhile: lock that one instead
+                if self.journaled:
+                    if attrs.type is not Ftype3.DIR:
+                        raise StoreError(errno.ENOTDIR, "not a directory")
+                    if await self._has_entries(node, cred):
+                        raise NfsError(Nfsstat3.NFS3ERR_NOTEMPTY, "RMDIR")
+                await self.writes.remove(parent, name, node, cred, is_dir=True)
+                self.own.file_removed(node)
+                return
 
     async def _child(self, parent: Node, name: bytes, cred: Cred,
                      proc: str) -> tuple[Node, Fattr3]:
@@ -588,8 +631,23 @@ class Store:
         """RENAME; with `noreplace`, EEXIST if the target exists (checked first:
         NFSv3 has no atomic no-replace rename, so a racing creator can still lose)."""
         self._check_name(dst_name)
+        while True:
+            moved, _ = await self._child(src, src_name, cred, "RENAME")
+            target = await self._existing(dst, dst_name, cred)
+            seen = target[0] if target is not None else None
+            async with self._locked(src, dst, moved, seen):
+                found, _ = await self._child(src, src_name, cred, "RENAME")
+                target = await self._existing(dst, dst_name, cred)
+                if found is not moved or (target[0] if target else None) is not seen:
+                    continue       # changed meanwhile: lock what is there now
+                await self._rename_checked(src, src_name, dst, dst_name, target, cred,
+                                           noreplace=noreplace)
+                return
+
+    async def _rename_checked(self, src: Node, src_name: bytes, dst: Node, dst_name: bytes,
+                              target: tuple[Node, Fattr3] | None, cred: Cred, *,
+                              noreplace: bool) -> None:
         node, attrs = await self._child(src, src_name, cred, "RENAME")
-        target = await self._existing(dst, dst_name, cred)
         replaced = None
         if target is not None:
             if target[0] is node:
@@ -600,7 +658,8 @@ class Store:
             if self.journaled:
                 await self._check_replace(attrs, replaced, tattrs, cred)
         await self.writes.rename(src, src_name, dst, dst_name, node, replaced, cred)
-        if replaced is not None and target is not None and target[1].nlink <= 1:
+        if replaced is not None and target is not None and \
+                (target[1].nlink <= 1 or target[1].type is Ftype3.DIR):
             self.own.file_removed(replaced)
 
     async def _check_replace(self, attrs: Fattr3, replaced: Node, tattrs: Fattr3,
@@ -934,6 +993,10 @@ class Store:
                     direct: bool = False) -> int:
         """Hand a write to the policy (EFBIG past the server's largest file);
         `direct` (O_DIRECT): wait until it is on the server."""
+        if node.ftype is not Ftype3.REG:
+            raise StoreError(errno.EINVAL, "not a regular file")   # (the kernel's business)
+        if node.gone:      # (open files are renamed away instead: this is a stale path)
+            raise NfsError(NOENT, "removed")
         data = data[:checks.write_count(offset, len(data), self.info.max_file_size)]
         current = await self._known_attrs(node, cred)   # the base our bytes go over
         mode = checks.write_mode(self._state(current), cred)

@@ -194,9 +194,16 @@ class WriteBack:
         return await self.read(node, offset, size, base)
 
     async def _read_server(self, node: Node, offset: int, size: int) -> bytes:
+        """The server's bytes under our changes (lost+found): zeros for what it can no
+        longer give (logged)."""
         if node.is_local or self.read_server is None:
             return bytes(size)
-        return await self.read_server(node, offset, size)
+        try:
+            return await self.read_server(node, offset, size)
+        except (NfsError, TransportError) as exc:
+            log.warning("saving %r: the server's bytes under our changes are gone (%s); "
+                        "zeros stand for them", node.path(), exc)
+            return bytes(size)
 
     # -- recording changes ----------------------------------------------------------------
 
