@@ -783,23 +783,31 @@ def random_workload(mount_dir: Path, oracle_dir: Path, *, seed: int, ops: int | 
 
 
 def replay(mount_dir: Path, oracle_dir: Path, ops: list[dict[str, Any]],
-           *, stop_at_first: bool = True) -> list[Mismatch]:
-    """Apply a logged op sequence as fast as it goes; what differed."""
-    ex = Executor.open(mount_dir, oracle_dir)
-    found: list[Mismatch] = []
-    for op in ops:
-        found += ex.apply(op)
-        if found and stop_at_first:
-            break
-    found += ex.close()
-    return found
+           *, stop_at_first: bool = True, user: tuple[int, int] | None = None
+           ) -> list[Mismatch]:
+    """Apply a logged op sequence as fast as it goes (as `user` if given); what
+    differed."""
+    def run() -> list[Mismatch]:
+        ex = Executor.open(mount_dir, oracle_dir)
+        found: list[Mismatch] = []
+        for op in ops:
+            found += ex.apply(op)
+            if found and stop_at_first:
+                break
+        return found + ex.close()
+
+    if user is None:
+        return run()
+    text = _as_user(user, lambda: json.dumps([asdict(m) for m in run()]))
+    return [Mismatch.from_dict(m) for m in json.loads(text)]
 
 
 _fresh = itertools.count()
 
 
 def minimize(mount_parent: Path, oracle_parent: Path, ops: list[dict[str, Any]], what: str,
-             *, tries: int = 2, budget: int = 300) -> list[dict[str, Any]]:
+             *, tries: int = 2, budget: int = 300, user: tuple[int, int] | None = None
+             ) -> list[dict[str, Any]]:
     """The shortest op list found (`shrink_ops`) that still fails with a mismatch of
     category `what`; each attempt replays on new directories below the two parents, up
     to `tries` times (a race may need more than one)."""
@@ -811,7 +819,9 @@ def minimize(mount_parent: Path, oracle_parent: Path, ops: list[dict[str, Any]],
             for root in roots:
                 root.mkdir()
                 root.chmod(0o777)
-            if any(m.what == what for m in replay(roots[0], roots[1], candidate)):
+                if user is not None:
+                    os.chown(root, *user)
+            if any(m.what == what for m in replay(roots[0], roots[1], candidate, user=user)):
                 return True
         return False
 
