@@ -11,9 +11,10 @@ made relative to a directory fd of that root, so a process that dropped its priv
 after opening the roots can still reach them.
 
 Entry points: `random_workload` (a seeded random run, as root or as another user: the
-soak harness and the long model-checker run), `compare_trees` (two whole trees),
-`UserWorker` (an `Executor` in a child process running as another user), `replay` and
-`shrink_ops` (cut a failing op log down to a minimal one), `time_snapshot`.
+soak harness), `OpGenerator` (its random ops; the model checker's bursts),
+`compare_trees` (two whole trees), `UserWorker` (an `Executor` in a child process
+running as another user), `replay`, `minimize` and `shrink_ops` (cut a failing op log
+down to a minimal one), `time_snapshot` and `changed_times`.
 
 Where a mount may differ from a local file system on purpose is decided in one place:
 the section "Deliberate differences" below.  Nothing here imports pytest.
@@ -508,8 +509,9 @@ class Executor:
         return "times within NFSv3's range" if ok else "a time outside NFSv3's range"
 
     def _blocked_by_silly_name(self, op: dict[str, Any]) -> bool:
-        """rmdir (or a rename over) a directory whose only entries on the mount are
-        hidden unlinked-open files answers ENOTEMPTY there, as on NFS: skip those."""
+        """rmdir of (or a rename over) a directory that holds hidden unlinked-open files
+        on the mount answers ENOTEMPTY there, as on NFS, where a local file system may
+        succeed: such ops are skipped (and counted in `notes`)."""
         kind = op["op"]
         target = op.get("path") if kind == "rmdir" else op.get("dst") if kind == "rename" \
             else None
@@ -680,9 +682,10 @@ class OpGenerator:
             want = {"read_file": "file", "readlink": "link", "stat": None,
                     "unlink": "file"}[kind]
             return {"op": kind, "path": self.path(want)}
-        if kind in ("mkdir", "rmdir", "listdir"):
-            return {"op": kind, "path": self.path(None if kind == "mkdir" else "dir"),
-                    "mode": mode} if kind == "mkdir" else {"op": kind, "path": self.path("dir")}
+        if kind == "mkdir":
+            return {"op": kind, "path": self.path(), "mode": mode}
+        if kind in ("rmdir", "listdir"):
+            return {"op": kind, "path": self.path("dir")}
         if kind == "mknod":
             return {"op": kind, "path": self.path(), "mode": rng.choice((0o644, 0o600, 0o666)),
                     "kind": rng.choice(("fifo", "chr")),

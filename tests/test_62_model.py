@@ -11,11 +11,12 @@ name pool in a 2-level tree: create, mkdir, mknod, symlinks with 2-4 KB targets,
 rename with and without RENAME_NOREPLACE, unlink and rmdir also of open files, chmod,
 chown, utimensat in and out of NFSv3's range), the same as uid/gid 1001 (a worker
 process), and, with write-back, pausing and resuming the flusher so changes pile up
-as on a slow link.  At most once per example the daemon is killed with SIGKILL and
+as on a slow link.  Up to twice per example the daemon is killed with SIGKILL and
 remounted with the same cache_dir: the tree must then equal the oracle (every
-acknowledged op survived).  Flushing must leave every mtime and ctime the mount shows
-as it was, and the server (seen through a second, `cache=off` mount) must then equal
-the oracle: contents, sizes, types, modes, owners, nlink, symlink targets.
+acknowledged op survived) and show the same mtimes.  Flushing must leave every mtime
+and ctime the mount shows as it was, a file's mtime must reach the server, the daemon
+must log no error, and the server (seen through a second, `cache=off` mount) must
+equal the oracle: contents, sizes, types, modes, owners, nlink, symlink targets.
 
 Every mode runs: write-back (default and writeback_delay=0), writeback=off and
 cache=off.  The default run is CI-sized; `pytest -m long` runs at least
@@ -485,7 +486,7 @@ class ModelMachine(RuleBasedStateMachine):
     @rule()
     def crash(self) -> None:
         """SIGKILL the daemon, remount with the same cache_dir: everything acknowledged
-        is there, every mtime and ctime as before."""
+        is there, every mtime as before."""
         before = mo.time_snapshot(self.mroot)
         self.crashed += 1
         self.h.mount.kill()
@@ -502,8 +503,10 @@ class ModelMachine(RuleBasedStateMachine):
         self.ex = self._executor()
         self.check(self.settled_diffs(self.mroot, mo.hidden_on_mount),
                    "after kill -9 and remount, the mount differs from the oracle")
-        self.check(mo.changed_times(before, mo.time_snapshot(self.mroot)),
-                   "times changed across kill -9 and remount")
+        # mtime must survive (issue 13, point 5); ctime, which NFSv3 cannot set, may
+        # come back as the server's
+        self.check(mo.changed_times(before, mo.time_snapshot(self.mroot), ctime=False),
+                   "mtimes changed across kill -9 and remount")
 
     def check(self, problems: list[str], header: str) -> None:
         """Fail the example with `problems` (after which teardown only cleans up)."""
