@@ -162,7 +162,7 @@ def harness(request: pytest.FixtureRequest, export: Export, mount_factory: Mount
     """Warnings are allowed (a crash makes replay warn); errors in a log still fail."""
     mode = request.param
     monkeypatch.setattr(engine, "MAX_SHRINKING_SECONDS",
-                        _env_int("WANCACHE_MODEL_SHRINK_SECONDS", 40))
+                        _env_int("WANCACHE_MODEL_SHRINK_SECONDS", 30))
     oracle = tmp_path / "oracle"
     oracle.mkdir()
     mount = mount_factory(MODES[mode], name="model")
