@@ -320,7 +320,7 @@ class ModelMachine(RuleBasedStateMachine):
         if h is not None:
             self.apply({"op": "fstat", "h": h})
 
-    @rule(seed=seeds, n=st.integers(1, 500), namespace=st.sampled_from((0.0, 1 / 6, 1.0)))
+    @rule(seed=seeds, n=st.integers(1, 300), namespace=st.sampled_from((0.0, 1 / 6, 1.0)))
     def random_burst(self, seed: int, n: int, namespace: float) -> None:
         """`n` ops of `modelops.OpGenerator` (data ops, a sixth namespace ops, or only
         namespace ops) at full speed through handles of their own, closed at the end."""
