@@ -10,11 +10,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pyfuse3
+import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes import FakeNfs
-from wancache import cli, snapshot
+from wancache import cli, debugmem, snapshot
 from wancache.cache.blocks import BlockStore
 from wancache.cache.journal import Journal
 from wancache.config import build_config
@@ -148,4 +150,30 @@ async def test_snapshot_is_a_copy() -> None:
         assert snap.blocks is None and snap.writeback is None and snap.data is None
         status = status_view(snap)
         assert status["journal"]["bytes_on_disk"] == 0 and not status["writeback"]["enabled"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_memory_and_tasks_debug_commands() -> None:
+    with pytest.raises(ValueError, match="action=start"):
+        debugmem.command({"action": "top"})
+    assert debugmem.command({"action": "start", "frames": 2}) == {"tracing": True}
+    try:
+        held = [bytes(1 << 20) for _ in range(4)]
+        top = debugmem.command({"action": "top", "limit": 5})
+        assert top["traced_bytes"] >= 4 << 20 and top["rss_bytes"] > 0
+        assert top["top"][0]["bytes"] >= 4 << 20 and "test_75_snapshot.py" in \
+            top["top"][0]["where"]
+        assert top["objects"] and len(held) == 4
+    finally:
+        assert debugmem.command({"action": "stop"}) == {"tracing": False}
+    trimmed = debugmem.command({"action": "trim"})
+    assert trimmed["rss_before"] > 0 and trimmed["rss_after"] > 0
+    with pytest.raises(ValueError, match="memory action"):
+        debugmem.command({"action": "nonsense"})
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(trio.sleep_forever, name="sleeper")
+        await trio.testing.wait_all_tasks_blocked()
+        assert ("sleeper", 3) in debugmem.tasks()
+        assert snapshot.trio_tasks() >= 4
         nursery.cancel_scope.cancel()

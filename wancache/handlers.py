@@ -2,7 +2,8 @@
 
 Commands (`{"cmd": NAME, ...}`, see `wancache.control` for the protocol):
 
-* `ping`, `stats` (every counter), `reset_stats` (zero the RPC counters);
+* `ping`, `stats` (every counter), `reset_stats` (zero the RPC counters), `memory`
+  and `tasks` (what holds the daemon's memory, which tasks run: `wancache.debugmem`);
 * `status`: the summary `wancache status` shows (both render one `wancache.snapshot`);
 * `flush`: wait until every journaled change is on the server, with progress lines
   `{"pending": ops, "dirty_bytes": n, "total": ops at start}` every half second;
@@ -29,7 +30,7 @@ from typing import Any
 
 import trio
 
-from wancache import metrics, snapshot
+from wancache import debugmem, metrics, snapshot
 from wancache.cache.blocks import BlockStore
 from wancache.cache.node import Node
 from wancache.cache.pins import PinKeeper, PinTarget
@@ -209,7 +210,7 @@ class Handlers:
 
     def table(self) -> dict[str, Handler]:
         plain = {"ping": self.ping, "stats": self.stats, "reset_stats": self.reset_stats,
-                 "status": self.status}
+                 "status": self.status, "memory": self.memory, "tasks": self.tasks}
         working = {"flush": self.flush, "flusher": self.flusher, "pin": self.pin,
                    "unpin": self.unpin, "evict": self.evict, "cached": self.cached,
                    "pins": self.list_pins, "refresh_pins": self.refresh_pins}
@@ -222,6 +223,12 @@ class Handlers:
 
     async def stats(self, req: dict[str, Any], progress: Progress) -> Any:
         return stats_view(await snapshot.take(self.parts, self.ops))
+
+    async def memory(self, req: dict[str, Any], progress: Progress) -> Any:
+        return await trio.to_thread.run_sync(debugmem.command, req)
+
+    async def tasks(self, req: dict[str, Any], progress: Progress) -> Any:
+        return debugmem.tasks(int(req.get("limit", 25)))
 
     async def reset_stats(self, req: dict[str, Any], progress: Progress) -> Any:
         self.client.stats.reset()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import trio
@@ -101,16 +102,19 @@ def read_process() -> tuple[int, int, int, int]:
     return found["VmRSS"] << 10, found["VmHWM"] << 10, found["Threads"], fds
 
 
-def trio_tasks() -> int:
-    """Tasks alive in this trio run (the root task's tree, system tasks included)."""
+def all_tasks() -> Iterator[trio.lowlevel.Task]:
+    """Every task alive in this trio run (the root task's tree, system tasks included)."""
     root = trio.lowlevel.current_root_task()
-    count, stack = 0, [root] if root is not None else []
+    stack = [root] if root is not None else []
     while stack:
         task = stack.pop()
-        count += 1
+        yield task
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
-    return count
+
+
+def trio_tasks() -> int:
+    return sum(1 for _ in all_tasks())
 
 
 async def take(parts: Components, ops: Operations) -> MountSnapshot:
