@@ -312,6 +312,11 @@ def status_text(st: dict[str, Any]) -> str:
         lines.append(f"  write-back  {size(wb['dirty_bytes'])} dirty, {wb['pending_ops']} "
                      f"changes pending (oldest {wb['oldest_seconds']:g}s), "
                      f"{wb['conflicts']} conflicts, {wb['lost']} lost")
+        if "journal" in st:
+            j = st["journal"]
+            lines.append(f"  journal     {size(j['bytes_on_disk'])} on disk of "
+                         f"{size(j['max_bytes'])}, {j['segments']} segments, "
+                         f"{j['records_pending']} records pending")
     else:
         lines.append("  write-back  off (writes go straight to the server)")
     lines.append(f"  hit ratios  attributes {_pct(hit['attr'])}, directories "
@@ -319,6 +324,12 @@ def status_text(st: dict[str, Any]) -> str:
                  f"bytes read from cache {_pct(hit['read_bytes'])}")
     lines.append(f"  rpc         {rpc['calls']} calls, {rpc['errors']} errors, "
                  f"{rpc['in_flight']} in flight, {rpc['reconnects']} reconnects")
+    if "process" in st:        # (a daemon of an older version does not say)
+        p, t = st["process"], st["tables"]
+        lines.append(f"  daemon      {size(p['rss_bytes'])} resident (peak "
+                     f"{size(p['peak_rss_bytes'])}), {p['open_fds']} fds, "
+                     f"{p['trio_tasks']} tasks, {t['inodes']} inodes, {t['nodes']} nodes, "
+                     f"{t['open_files']} open files")
     lines.append("  metrics     " + (f"http://{st['metrics']}/metrics" if st["metrics"]
                                      else "off"))
     return "\n".join(lines)

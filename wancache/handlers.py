@@ -2,8 +2,9 @@
 
 Commands (`{"cmd": NAME, ...}`, see `wancache.control` for the protocol):
 
-* `ping`, `stats` (every counter), `reset_stats` (zero the RPC counters);
-* `status`: the summary `wancache status` shows;
+* `ping`, `stats` (every counter), `reset_stats` (zero the RPC counters), `memory`
+  and `tasks` (what holds the daemon's memory, which tasks run: `wancache.debugmem`);
+* `status`: the summary `wancache status` shows (both render one `wancache.snapshot`);
 * `flush`: wait until every journaled change is on the server, with progress lines
   `{"pending": ops, "dirty_bytes": n, "total": ops at start}` every half second;
 * `flusher` with `action` `pause`/`resume`/`state`: hold the write-back flusher (tests
@@ -29,18 +30,18 @@ from typing import Any
 
 import trio
 
-from wancache import metrics
+from wancache import debugmem, metrics, snapshot
 from wancache.cache.blocks import BlockStore
 from wancache.cache.node import Node
 from wancache.cache.pins import PinKeeper, PinTarget
 from wancache.cache.store import Store
 from wancache.components import Components
 from wancache.control import Handler, Progress, mount_label
-from wancache.fs.errors import REQUESTS
 from wancache.fs.operations import Operations
 from wancache.nfs_backend.errors import NfsError, TransportError, WancacheError
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3
 from wancache.nfs_backend.transport import Cred
+from wancache.snapshot import MountSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,72 @@ def _relpath(req: dict[str, Any]) -> str:
     if ".." in parts:
         raise ValueError(f"{raw}: '..' is not allowed (give a path inside the mount)")
     return "/".join(parts)
+
+
+def stats_view(s: MountSnapshot) -> dict[str, Any]:
+    """Every counter of a snapshot (the `stats` command)."""
+    rpc, t, w = s.rpc.stats, s.tables, s.writeback
+    return {"rpc": dict(rpc.snapshot()), "in_flight": rpc.in_flight,
+            "max_in_flight": rpc.max_in_flight, "reconnects": rpc.reconnects,
+            "late_replies": rpc.late_replies, "failed_fast": rpc.failed_fast,
+            "server_up": s.rpc.server_up, "offline": s.rpc.offline,
+            "inodes": t.inodes, "open_files": t.open_files, "nodes": t.nodes,
+            "overlay_entries": t.overlay_entries,
+            "fuse_requests": dict(s.fuse_requests),
+            "process": asdict(s.process),
+            "attrs": {**asdict(s.attrs), "entries": t.attr_entries},
+            "dirs": {"listings": t.dir_listings, **asdict(s.dirs)},
+            "data": asdict(s.data) if s.data is not None else {},
+            "blocks": {**asdict(s.blocks.stats), "pinned": s.blocks.pinned_files,
+                       "limit": s.blocks.limit_bytes} if s.blocks is not None else {},
+            "writeback": {**asdict(w.flusher), "pending": w.pending_ops,
+                          "dirty_bytes": w.dirty_bytes, "oldest_seconds": w.oldest_seconds,
+                          "graph_size": w.graph_size} if w is not None else {},
+            "journal": asdict(w.journal) if w is not None else {}}
+
+
+def status_view(s: MountSnapshot) -> dict[str, Any]:
+    """The summary of a snapshot that `wancache status` shows (less the mount's
+    identity and options)."""
+    b = s.blocks.stats if s.blocks is not None else None
+    w, rpc, data = s.writeback, s.rpc.stats, s.data
+    j = w.journal if w is not None else None
+    return {
+        "cache": {"used_bytes": b.bytes_used if b else 0,
+                  "size_bytes": s.blocks.limit_bytes if s.blocks else 0,
+                  "blocks": b.blocks if b else 0,
+                  "holes": b.holes if b else 0,
+                  "meta_bytes": b.meta_bytes if b else 0,
+                  "pinned_files": s.blocks.pinned_files if s.blocks else 0,
+                  "evictions": b.evictions if b else 0,
+                  "attr_entries": s.tables.attr_entries,
+                  "dir_listings": s.tables.dir_listings},
+        "writeback": {"enabled": w is not None,
+                      "dirty_bytes": w.dirty_bytes if w else 0,
+                      "pending_ops": w.pending_ops if w else 0,
+                      "oldest_seconds": round(w.oldest_seconds, 1) if w else 0.0,
+                      "flushed_ops": w.flusher.ops_flushed if w else 0,
+                      "conflicts": w.flusher.conflicts if w else 0,
+                      "lost": w.flusher.lost if w else 0,
+                      "graph_size": w.graph_size if w else 0},
+        "journal": {"bytes_on_disk": j.bytes_on_disk if j else 0,
+                    "max_bytes": j.max_bytes if j else 0,
+                    "segments": j.segments if j else 0,
+                    "records_pending": j.records_pending if j else 0,
+                    "bytes_pending": j.bytes_pending if j else 0,
+                    "compactions": j.compactions if j else 0},
+        "hit_ratio": {
+            "attr": _ratio(s.attrs.hits, s.attrs.misses),
+            "dir": _ratio(s.dirs.hits, s.dirs.misses),
+            "block": _ratio(b.hits, b.misses) if b else None,
+            "read_bytes": _ratio(data.cache_bytes, data.server_bytes) if data else None},
+        "rpc": {"calls": sum(p.calls for p in rpc.procs.values()),
+                "errors": sum(p.errors for p in rpc.procs.values()),
+                "in_flight": rpc.in_flight, "reconnects": rpc.reconnects,
+                "failed_fast": rpc.failed_fast, "offline": s.rpc.offline},
+        "tables": asdict(s.tables),
+        "process": asdict(s.process),
+    }
 
 
 class StoreFiles:
@@ -143,7 +210,7 @@ class Handlers:
 
     def table(self) -> dict[str, Handler]:
         plain = {"ping": self.ping, "stats": self.stats, "reset_stats": self.reset_stats,
-                 "status": self.status}
+                 "status": self.status, "memory": self.memory, "tasks": self.tasks}
         working = {"flush": self.flush, "flusher": self.flusher, "pin": self.pin,
                    "unpin": self.unpin, "evict": self.evict, "cached": self.cached,
                    "pins": self.list_pins, "refresh_pins": self.refresh_pins}
@@ -155,50 +222,27 @@ class Handlers:
         return "pong"
 
     async def stats(self, req: dict[str, Any], progress: Progress) -> Any:
-        st, store = self.client.stats, self.store
-        dir_stats = getattr(store.dirs, "stats", None)
-        return {"rpc": dict(st.snapshot()), "in_flight": st.in_flight,
-                "max_in_flight": st.max_in_flight, "reconnects": st.reconnects,
-                "server_up": self.client.up, "inodes": len(self.ops.inodes),
-                "fuse_requests": dict(REQUESTS),
-                "open_files": self.ops.open_files,
-                "attrs": {**asdict(store.attrs.stats), "entries": len(store.attrs)},
-                "dirs": {"listings": len(store.dirs),
-                         **({"hits": dir_stats.hits, "misses": dir_stats.misses}
-                            if dir_stats is not None else {})},
-                "data": asdict(store.data.stats) if store.data is not None else {},
-                "blocks": {**asdict(self.blocks.stats), "pinned": len(self.blocks.pinned())}
-                if self.blocks is not None else {},
-                "writeback": self._writeback_stats()}
+        return stats_view(await snapshot.take(self.parts, self.ops))
 
-    def _writeback_stats(self) -> dict[str, Any]:
-        wb, flusher = self.parts.writeback, self.parts.flusher
-        if wb is None or flusher is None:
-            return {}
-        return {**asdict(flusher.stats), "pending": wb.pending_ops,
-                "dirty_bytes": wb.dirty_bytes, "oldest_seconds": flusher.oldest_age()}
+    async def memory(self, req: dict[str, Any], progress: Progress) -> Any:
+        return await trio.to_thread.run_sync(debugmem.command, req)
+
+    async def tasks(self, req: dict[str, Any], progress: Progress) -> Any:
+        return debugmem.tasks(int(req.get("limit", 25)))
 
     async def reset_stats(self, req: dict[str, Any], progress: Progress) -> Any:
         self.client.stats.reset()
         return None
 
-    def state(self) -> str:
-        """up: the server answers; disconnected: it does not, the caches serve."""
-        return "up" if self.client.up else "disconnected"
-
     async def status(self, req: dict[str, Any], progress: Progress) -> Any:
-        cfg, store = self.cfg, self.store
-        attrs = store.attrs.stats
-        dir_stats = getattr(store.dirs, "stats", None)
-        rpc = self.client.stats
-        data = store.data.stats if store.data is not None else None
-        blocks = self.blocks.stats if self.blocks is not None else None
-        wb, flusher = self.parts.writeback, self.parts.flusher
+        cfg = self.cfg
+        snap = await snapshot.take(self.parts, self.ops)
         return {
             "mountpoint": self.mountpoint,
             "server": cfg.spec,
-            "state": self.state(),
-            "pid": os.getpid(),
+            # up: the server answers; disconnected: it does not, the caches serve
+            "state": "up" if snap.rpc.server_up else "disconnected",
+            "pid": snap.process.pid,
             "uptime": round(time.time() - self.started, 1),
             "options": {"cache": cfg.cache, "writeback": cfg.writeback,
                         "read_only": cfg.read_only, "hard": cfg.hard,
@@ -207,28 +251,7 @@ class Handlers:
                        "files": list(cfg.lease_bounds(False)),
                        "directories": list(cfg.lease_bounds(True)),
                        "negative": cfg.neg_lease},
-            "cache": {"used_bytes": blocks.bytes_used if blocks else 0,
-                      "size_bytes": cfg.cache_size if blocks else 0,
-                      "blocks": blocks.blocks if blocks else 0,
-                      "pinned_files": len(self.blocks.pinned()) if self.blocks else 0,
-                      "evictions": blocks.evictions if blocks else 0,
-                      "attr_entries": len(store.attrs),
-                      "dir_listings": len(store.dirs)},
-            "writeback": {"enabled": wb is not None,
-                          "dirty_bytes": wb.dirty_bytes if wb else 0,
-                          "pending_ops": wb.pending_ops if wb else 0,
-                          "oldest_seconds": round(flusher.oldest_age(), 1) if flusher else 0.0,
-                          "flushed_ops": flusher.stats.ops_flushed if flusher else 0,
-                          "conflicts": flusher.stats.conflicts if flusher else 0,
-                          "lost": flusher.stats.lost if flusher else 0},
-            "hit_ratio": {
-                "attr": _ratio(attrs.hits, attrs.misses),
-                "dir": _ratio(dir_stats.hits, dir_stats.misses) if dir_stats else None,
-                "block": _ratio(blocks.hits, blocks.misses) if blocks else None,
-                "read_bytes": _ratio(data.cache_bytes, data.server_bytes) if data else None},
-            "rpc": {"calls": sum(p.calls for p in rpc.procs.values()),
-                    "errors": sum(p.errors for p in rpc.procs.values()),
-                    "in_flight": rpc.in_flight, "reconnects": rpc.reconnects},
+            **status_view(snap),
             "metrics": metrics.listening(),
         }
 

@@ -1,9 +1,9 @@
 """Prometheus exporter of one mount: `metrics=HOST:PORT` (default 127.0.0.1:9477).
 
-A custom collector reads the live counters (RPC stats, caches, write-back) at each
-scrape; nothing is copied or sampled in between.  The HTTP endpoint is served by
-trio in the mount's own event loop, so a scrape sees consistent numbers and needs
-no thread.  Every series carries `mount="<mount point>"`.  If the address cannot
+Each scrape takes one `wancache.snapshot` of the mount (what `wancache status`
+renders too) and a custom collector renders it; nothing is sampled in between.
+The HTTP endpoint is served by trio in the mount's own event loop, so a scrape
+sees consistent numbers.  Every series carries `mount="<mount point>"`.  If the address cannot
 be bound the mount logs one warning and serves without metrics.
 
 Only counters, sizes and procedure names are exported: no file names, no contents.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -26,14 +26,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from wancache import snapshot
 from wancache.control import mount_label
-from wancache.fs.errors import REQUESTS
 from wancache.nfs_backend.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
-    from wancache.cache.store import Store
     from wancache.components import Components
+    from wancache.config import Config
     from wancache.fs.operations import Operations
+    from wancache.snapshot import MountSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +55,12 @@ def split_address(addr: str) -> tuple[str, int]:
 
 
 class MountCollector(Collector):
-    """Every metric of one mount, read from the live objects at scrape time."""
+    """Every metric of one mount, rendered from one snapshot."""
 
-    def __init__(self, parts: Components, ops: Operations) -> None:
-        self.cfg = parts.cfg
-        self.client = parts.client
-        self.parts = parts
-        self.ops = ops
-        self.mount = mount_label(parts.cfg.mountpoint)
+    def __init__(self, cfg: Config, snap: MountSnapshot) -> None:
+        self.cfg = cfg
+        self.snap = snap
+        self.mount = mount_label(cfg.mountpoint)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(name, doc, labels=["mount"])
@@ -74,61 +73,76 @@ class MountCollector(Collector):
         return c
 
     def collect(self) -> Iterator[Metric]:
-        m = self.mount
-        store = self.ops.store
+        m, s = self.mount, self.snap
         info = GaugeMetricFamily("wancache_info", "The mount and its server (always 1).",
                                  labels=["mount", "server", "consistency"])
         info.add_metric([m, self.cfg.spec, self.cfg.consistency], 1)
         yield info
         yield self._gauge("wancache_server_up",
                           "1 while the NFS server is connected, 0 while disconnected.",
-                          1 if self.client.up else 0)
-        yield from self._caches(store)
+                          1 if s.rpc.server_up else 0)
+        yield self._gauge("wancache_server_offline",
+                          "1 while the server is known unreachable (calls fail at once).",
+                          1 if s.rpc.offline else 0)
+        yield from self._caches()
+        yield from self._blocks()
         yield from self._rpc()
-        yield from self._data(store)
-        yield from self._writeback(store)
+        yield from self._data()
+        yield from self._writeback()
+        yield from self._journal()
+        yield from self._process()
         fuse = CounterMetricFamily("wancache_fuse_requests", "FUSE requests served.",
                                    labels=["mount", "op"])
-        for op, n in sorted(REQUESTS.items()):
+        for op, n in sorted(s.fuse_requests.items()):
             fuse.add_metric([m, op], n)
         yield fuse
         yield self._gauge("wancache_open_files", "Files open through the mount.",
-                          self.ops.open_files)
+                          s.tables.open_files)
 
-    def _caches(self, store: Store) -> Iterator[Metric]:
-        m = self.mount
+    def _caches(self) -> Iterator[Metric]:
+        m, s = self.mount, self.snap
         req = CounterMetricFamily(
             "wancache_cache_requests", "Cache lookups by cache and result.",
             labels=["mount", "cache", "result"])
-        a = store.attrs.stats
-        req.add_metric([m, "attr", "hit"], a.hits)
-        req.add_metric([m, "attr", "miss"], a.misses)
-        dir_stats = getattr(store.dirs, "stats", None)
-        if dir_stats is not None:
-            req.add_metric([m, "dir", "hit"], dir_stats.hits)
-            req.add_metric([m, "dir", "miss"], dir_stats.misses)
-        blocks = store.data.blocks if store.data is not None else None
-        if blocks is not None:
-            b = blocks.stats
-            req.add_metric([m, "block", "hit"], b.hits)
-            req.add_metric([m, "block", "miss"], b.misses)
+        req.add_metric([m, "attr", "hit"], s.attrs.hits)
+        req.add_metric([m, "attr", "miss"], s.attrs.misses)
+        req.add_metric([m, "dir", "hit"], s.dirs.hits)
+        req.add_metric([m, "dir", "miss"], s.dirs.misses)
+        if s.blocks is not None:
+            req.add_metric([m, "block", "hit"], s.blocks.stats.hits)
+            req.add_metric([m, "block", "miss"], s.blocks.stats.misses)
         yield req
         yield self._counter("wancache_attr_changes",
-                            "Attribute updates that showed a changed file.", a.changes)
+                            "Attribute updates that showed a changed file.", s.attrs.changes)
+        t = s.tables
         yield self._gauge("wancache_attr_cache_entries", "Attribute cache entries.",
-                          len(store.attrs))
+                          t.attr_entries)
         yield self._gauge("wancache_dir_cache_listings", "Cached directory listings.",
-                          len(store.dirs))
-        if blocks is None:
+                          t.dir_listings)
+        yield self._gauge("wancache_inodes", "Inodes the kernel holds of the mount.",
+                          t.inodes)
+        yield self._gauge("wancache_nodes", "Entries of the node table (live file handles).",
+                          t.nodes)
+        yield self._gauge("wancache_overlay_entries",
+                          "Files and directories with changes not yet on the server.",
+                          t.overlay_entries)
+
+    def _blocks(self) -> Iterator[Metric]:
+        if self.snap.blocks is None:
             return
-        b = blocks.stats
+        b, limit = self.snap.blocks.stats, self.snap.blocks.limit_bytes
         yield self._gauge("wancache_cache_bytes", "Bytes used by the block cache.",
                           b.bytes_used)
         yield self._gauge("wancache_cache_limit_bytes", "Size limit of the block cache.",
-                          blocks.size_limit)
+                          limit)
+        yield self._gauge("wancache_cache_meta_bytes",
+                          "Of the block cache's bytes, its index and directories.",
+                          b.meta_bytes)
         yield self._gauge("wancache_cache_blocks", "Blocks in the block cache.", b.blocks)
+        yield self._gauge("wancache_cache_holes",
+                          "Of the cached blocks, holes (stored as markers).", b.holes)
         yield self._gauge("wancache_cache_pinned_files", "Pinned files.",
-                          len(blocks.pinned()))
+                          self.snap.blocks.pinned_files)
         yield self._counter("wancache_cache_evictions",
                             "Blocks evicted from the block cache.", b.evictions)
         yield self._counter("wancache_cache_evicted_bytes",
@@ -140,7 +154,7 @@ class MountCollector(Collector):
 
     def _rpc(self) -> Iterator[Metric]:
         m = self.mount
-        st = self.client.stats
+        st = self.snap.rpc.stats
         labels = ["mount", "program", "proc"]
         calls = CounterMetricFamily("wancache_rpc_calls", "RPC calls sent.", labels=labels)
         errors = CounterMetricFamily("wancache_rpc_errors",
@@ -155,7 +169,7 @@ class MountCollector(Collector):
         duration = HistogramMetricFamily("wancache_rpc_duration_seconds",
                                          "Time from sending an RPC call to its reply.",
                                          labels=labels)
-        for name, p in sorted(list(st.procs.items())):
+        for name, p in sorted(st.procs.items()):
             program, _, proc = name.rpartition(".")
             lv = [m, program, proc]
             calls.add_metric(lv, p.calls)
@@ -173,11 +187,14 @@ class MountCollector(Collector):
                           st.in_flight)
         yield self._counter("wancache_rpc_reconnects",
                             "Connections to the server re-established.", st.reconnects)
+        yield self._counter("wancache_rpc_failed_fast",
+                            "Calls failed unsent while the server was known unreachable.",
+                            st.failed_fast)
 
-    def _data(self, store: Store) -> Iterator[Metric]:
-        if store.data is None:
+    def _data(self) -> Iterator[Metric]:
+        d = self.snap.data
+        if d is None:
             return
-        d = store.data.stats
         read = CounterMetricFamily("wancache_read_bytes",
                                    "File bytes read, by where they came from.",
                                    labels=["mount", "source"])
@@ -189,18 +206,21 @@ class MountCollector(Collector):
         yield self._counter("wancache_readahead_blocks", "Blocks read ahead.",
                             d.ahead_fetched)
 
-    def _writeback(self, store: Store) -> Iterator[Metric]:
-        wb, flusher = self.parts.writeback, self.parts.flusher
+    def _writeback(self) -> Iterator[Metric]:
+        w = self.snap.writeback
         yield self._gauge("wancache_dirty_bytes",
                           "Written bytes journaled here, not yet on the server.",
-                          wb.dirty_bytes if wb is not None else 0)
+                          w.dirty_bytes if w is not None else 0)
         yield self._gauge("wancache_writeback_pending_ops",
                           "Changes journaled here, not yet on the server.",
-                          wb.pending_ops if wb is not None else 0)
+                          w.pending_ops if w is not None else 0)
         yield self._gauge("wancache_writeback_oldest_seconds",
                           "Age of the oldest change not yet on the server.",
-                          flusher.oldest_age() if flusher is not None else 0.0)
-        s = flusher.stats if flusher is not None else None
+                          w.oldest_seconds if w is not None else 0.0)
+        yield self._gauge("wancache_writeback_graph_entries",
+                          "Entries in the flusher's dependency maps.",
+                          w.graph_size if w is not None else 0)
+        s = w.flusher if w is not None else None
         yield self._counter("wancache_writeback_ops", "Changes flushed to the server.",
                             s.ops_flushed if s else 0)
         yield self._counter("wancache_writeback_bytes", "Bytes flushed to the server.",
@@ -214,12 +234,43 @@ class MountCollector(Collector):
                             "Changes the server refused (their data is in lost+found).",
                             s.lost if s else 0)
 
+    def _journal(self) -> Iterator[Metric]:
+        if self.snap.writeback is None:
+            return
+        j = self.snap.writeback.journal
+        yield self._gauge("wancache_journal_bytes",
+                          "Disk bytes of the write-back journal's segment files.",
+                          j.bytes_on_disk)
+        yield self._gauge("wancache_journal_limit_bytes",
+                          "The journal's cap on its disk bytes.", j.max_bytes)
+        yield self._gauge("wancache_journal_segments", "Segment files of the journal.",
+                          j.segments)
+        yield self._gauge("wancache_journal_pending_records",
+                          "Journal records not yet on the server.", j.records_pending)
+        yield self._gauge("wancache_journal_pending_bytes",
+                          "Payload bytes of the journal records not yet on the server.",
+                          j.bytes_pending)
+        yield self._counter("wancache_journal_compactions",
+                            "Journal segments evacuated by compaction.", j.compactions)
 
-def registry_for(parts: Components, ops: Operations) -> CollectorRegistry:
-    """A registry holding only this mount's collector."""
+    def _process(self) -> Iterator[Metric]:
+        p = self.snap.process
+        yield self._gauge("wancache_process_resident_memory_bytes",
+                          "Resident memory of the daemon (VmRSS).", p.rss_bytes)
+        yield self._gauge("wancache_process_peak_resident_memory_bytes",
+                          "Peak resident memory of the daemon (VmHWM).", p.peak_rss_bytes)
+        yield self._gauge("wancache_process_open_fds",
+                          "File descriptors open in the daemon.", p.open_fds)
+        yield self._gauge("wancache_process_threads", "Threads of the daemon.", p.threads)
+        yield self._gauge("wancache_trio_tasks", "Trio tasks alive in the daemon.",
+                          p.trio_tasks)
+
+
+def exposition(cfg: Config, snap: MountSnapshot) -> bytes:
+    """The Prometheus text of one snapshot."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(MountCollector(parts, ops))
-    return registry
+    registry.register(MountCollector(cfg, snap))
+    return generate_latest(registry)
 
 
 async def serve(parts: Components, ops: Operations, *,
@@ -238,12 +289,14 @@ async def serve(parts: Components, ops: Operations, *,
                     cfg.metrics, exc.strerror or exc)
         task_status.started()
         return
-    registry = registry_for(parts, ops)
     _listening = cfg.metrics
     task_status.started()
 
+    async def render() -> bytes:
+        return exposition(cfg, await snapshot.take(parts, ops))
+
     async def handle(stream: trio.SocketStream) -> None:
-        await _answer(stream, registry)
+        await _answer(stream, render)
 
     try:
         await trio.serve_listeners(handle, listeners)
@@ -251,7 +304,7 @@ async def serve(parts: Components, ops: Operations, *,
         _listening = ""
 
 
-async def _answer(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
+async def _answer(stream: trio.abc.Stream, render: Callable[[], Awaitable[bytes]]) -> None:
     """One HTTP/1.0-style exchange: GET /metrics (or /) -> the exposition text."""
     async with stream:
         request = b""
@@ -268,7 +321,7 @@ async def _answer(stream: trio.abc.Stream, registry: CollectorRegistry) -> None:
         if method not in ("GET", "HEAD"):
             status, ctype, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
         elif path in ("/metrics", "/"):
-            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(registry)
+            status, ctype, body = "200 OK", CONTENT_TYPE_LATEST, await render()
         else:
             status, ctype, body = "404 Not Found", "text/plain", b"try /metrics\n"
         head = (f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
