@@ -123,9 +123,13 @@ async def test_small_file_is_one_stable_write(tmp_path: Path) -> None:
         await store.setattr(f, AttrChange(uid=1001, gid=1001), ROOT)
         await sync(store)
         calls = fake.calls()
-        assert (calls["CREATE"], calls["WRITE"], calls["SETATTR"]) == (1, 1, 1)
+        # the file: CREATE, WRITE, SETATTR (mode, owner, times); its directory: the
+        # mtime users here saw
+        assert (calls["CREATE"], calls["WRITE"], calls["SETATTR"]) == (1, 1, 2)
         assert "COMMIT" not in calls
         assert fake.path("/f").attrs.mode == 0o600
+        assert [e[1] for e in fake.log if e[0] == "SETATTR"] == [fake.path("/f").fh,
+                                                                 fake.root_fh]
 
 
 async def test_temp_files_never_reach_the_server(tmp_path: Path) -> None:

@@ -240,6 +240,12 @@ class _ReadyQueue:
         """Urgent changes (someone waits for them) skip writeback_delay."""
         self._requeue(lambda p: p.urgent and p.due > now, now)
 
+    def first_urgent(self) -> Pending | None:
+        """The queued change someone waits for that came first (a scan: for a paused
+        flusher only)."""
+        urgent = [p for p in self._tokens if p.urgent and not p.started]
+        return min(urgent, key=lambda p: p.change.seq) if urgent else None
+
     def head(self, now: float) -> tuple[Pending | None, float]:
         """The first due change still queued, and when the next falls due."""
         while self._later and self._later[0][0] <= now:
@@ -274,8 +280,7 @@ class Flusher:
         self._ready = _ReadyQueue()
         self._wakeup = trio.Event()
         self._running = 0
-        self._resumed = trio.Event()
-        self._resumed.set()
+        self.paused = False
         self._scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
         self._host = socket.gethostname().split(".")[0] or "client"
@@ -381,16 +386,13 @@ class Flusher:
     # -- running --------------------------------------------------------------------------
 
     def pause(self) -> None:
-        """Start no new flush jobs until `resume()` (tests: let changes pile up)."""
-        if self._resumed.is_set():
-            self._resumed = trio.Event()
+        """Start no new flush jobs until `resume()`, but for what someone waits for
+        (fsync, flush): as a very slow link would (tests let changes pile up)."""
+        self.paused = True
 
     def resume(self) -> None:
-        self._resumed.set()
-
-    @property
-    def paused(self) -> bool:
-        return not self._resumed.is_set()
+        self.paused = False
+        self._wake()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -431,7 +433,6 @@ class Flusher:
         async with trio.open_nursery() as jobs:
             jobs.start_soon(self._watch_server)
             while True:
-                await self._resumed.wait()
                 self._wakeup = trio.Event()
                 batch, next_due = self._next_batch()
                 if not batch:
@@ -453,7 +454,10 @@ class Flusher:
         CREATE and the run of its data and attribute changes by one user that depend
         only on each other are one batch."""
         now = trio.current_time()
-        p, next_due = self._ready.head(now)
+        if self.paused:     # only what someone waits for
+            p, next_due = self._ready.first_urgent(), math.inf
+        else:
+            p, next_due = self._ready.head(now)
         if p is None:
             return [], next_due
         batch = [p]
@@ -473,6 +477,7 @@ class Flusher:
         try:
             try:
                 outcome = await self._execute(batch)
+                await self._keep_times(batch)
             except BaseExceptionGroup as group:      # from the WRITEs in flight
                 raise _first_error(group) from None
         except Exception as exc:
@@ -623,6 +628,31 @@ class Flusher:
         else:
             raise ValueError(f"unknown kind of change {c.kind!r}")
         return Outcome()
+
+    async def _keep_times(self, batch: list[Pending]) -> None:
+        """A directory's mtime on the server is the server's time of our last change
+        in it, a new directory's, symlink's or device's its creation's: once a
+        directory has no more changes of its names pending, and for what was created,
+        send the mtime users here saw (as the owner; best effort), so it stays what
+        it was here, also after a remount."""
+        changes = [p.change for p in batch]
+        nodes = {n for c in changes if c.kind not in DATA
+                 for n in (c.parent, c.parent2) if n is not None}
+        nodes |= {c.node for c in changes if c.kind in CREATES and c.ftype is not Ftype3.REG}
+        for node in nodes:
+            if node.is_local or node.gone or any(
+                    p not in batch and node in (p.change.parent, p.change.parent2)
+                    for p in self._by_node.get(node, ())):
+                continue
+            attrs = self._h.local_attrs(node)
+            owner = Cred(attrs.uid, attrs.gid, (attrs.gid,))
+            sent = trio.current_time()
+            try:
+                res = await self._setattr(node, Sattr3(mtime=attrs.mtime), owner)
+            except NfsError as exc:
+                log.debug("could not keep the mtime of %r: %s", node.path(), exc)
+                continue
+            self._h.file_changed(node, res.obj_wcc.after, sent)
 
     async def _lookup(self, parent: Node, name: bytes, cred: Cred) -> nfs3.LookupRes | None:
         try:

@@ -60,6 +60,15 @@ HEADER_MAX = 64 << 10       # bytes of a record read to find its header
 ReadServer = Callable[[Node, int, int], Awaitable[bytes]]
 
 
+def _removes(op: Op) -> tuple[str, ...]:
+    """The node references whose name `op` removes (a remove, or a rename over it)."""
+    if op.kind in ("remove", "rmdir"):
+        return (op.node,)
+    if op.kind == "rename" and op.target:
+        return (op.target.decode(errors="replace"),)
+    return ()
+
+
 def _ref(node: Node) -> str:
     """How a record names `node`."""
     if node.local_id is not None and node.is_local:
@@ -640,6 +649,7 @@ class WriteBack:
             if op.kind == "bind":
                 self._binds[int(op.node[1:])] = op.seq
         known = await self._know_nodes(ops)   # (held here: the node table is weak)
+        removed = {r for op in ops for r in _removes(op)}
         queued = 0
         for op in ops:
             if op.kind == "bind":
@@ -655,7 +665,12 @@ class WriteBack:
                 queued += 1
             except Unresolvable as exc:
                 self._release_ids(op.local_ids())
-                await self._give_up(op.seq, op, f"it names a file that is gone ({exc})")
+                if op.node in removed:    # removed later in the journal anyway
+                    log.info("journal record %d (%s) needs no replay: its file is gone",
+                             op.seq, op.kind)
+                    self._complete([op.seq])
+                else:
+                    await self._give_up(op.seq, op, f"it names a file that is gone ({exc})")
         idle = [i for i in self._binds if not self._lrefs.get(i)]
         self._complete([self._binds.pop(i) for i in idle])
         del known
@@ -695,7 +710,10 @@ class WriteBack:
             try:
                 attrs = entry.attrs if entry is not None else \
                     await self.nodes.client.getattr(fh, Cred.root())
-            except (TransportError, NfsError) as exc:
+            except NfsError as exc:     # gone from the server: its records cannot apply
+                log.info("a file the journal refers to is gone from the server (%s)", exc)
+                continue
+            except TransportError as exc:
                 unknown += 1
                 log.warning("cannot look up a file the journal refers to (%s)", exc)
                 continue

@@ -9,9 +9,9 @@ Open flags, deliberately:
 
 * File handles belong to an open, not to an inode: each `open` gets its own handle
   with the opener's credentials and flags.
-* O_APPEND: the kernel passes the offset of its own idea of the end of file; we
-  write at the end as wancache knows it (refreshed from the server), like NFS:
-  appends from two different clients at once are not atomic.
+* O_APPEND: the kernel asks us for the file's size and writes at its end (the
+  offset it passes is honoured: the page cache writes mmap'ed pages back through an
+  O_APPEND handle too); appends from two clients at once are not atomic, as on NFS.
 * O_DIRECT: the kernel page cache is bypassed (`direct_io`) and so are wancache's
   caches: reads go to the server, writes are written through and committed.
 * O_EXCL with O_CREAT: a GUARDED CREATE, so the server answers EEXIST if the name
@@ -32,7 +32,6 @@ import logging
 import os
 import stat
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,12 +65,7 @@ class OpenFile:
     node: Node
     cred: Cred
     flags: int
-    silly: tuple[Node, bytes, Cred] | None = None   # unlinked while open: remove at close
     readahead: ReadAhead | None = None
-
-    @property
-    def append(self) -> bool:
-        return bool(self.flags & os.O_APPEND)
 
     @property
     def direct(self) -> bool:
@@ -147,7 +141,9 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, OpenDir] = {}
         self._handles = itertools.count(1)
         self._groups: OrderedDict[tuple[int, int, int], _Groups] = OrderedDict()
-        self._hidden: weakref.WeakSet[Node] = weakref.WeakSet()   # unlinked while open
+        # Open files unlinked here: node -> (directory, hidden name, who unlinked it);
+        # the hidden name goes at the node's last close (whichever open that is).
+        self._hidden: dict[Node, tuple[Node, bytes, Cred]] = {}
 
     @property
     def open_files(self) -> int:
@@ -320,17 +316,13 @@ class Operations(pyfuse3.Operations):
         if node is None:
             return False
         hidden = await self.store.silly_rename(parent, name, node, cred)
-        self._hidden.add(node)
-        for of in self._files.values():
-            if of.node is node and of.silly is None:
-                of.silly = (parent, hidden, cred)
-                break
+        self._hidden[node] = (parent, hidden, cred)
         return True
 
     async def _open_child(self, parent: Node, name: bytes, cred: Cred) -> Node | None:
         """The node behind `name` if some open file refers to it (NOENT otherwise
         surfaces from the store)."""
-        if not any(of.silly is None for of in self._files.values()):
+        if all(of.node in self._hidden for of in self._files.values()):
             return None
         try:
             node, attrs = await self.store.lookup(parent, name, cred)
@@ -418,8 +410,6 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         of = self._file(fh)
-        if of.append:
-            off = (await self.store.getattr(of.node, of.cred)).size
         return await self.store.write(of.node, off, buf, of.cred, direct=of.direct)
 
     async def flush(self, fh: int) -> None:
@@ -442,13 +432,10 @@ class Operations(pyfuse3.Operations):
         finally:
             if remaining == 0:
                 self.store.release(of.node)
-                silly = of.silly or next(
-                    (o.silly for o in self._files.values() if o.node is of.node and o.silly),
-                    None)
-                if silly is not None:
-                    parent, hidden, unlinker = silly
-                    self._hidden.discard(of.node)
-                    await self.store.remove(parent, hidden, unlinker)
+                hidden = self._hidden.pop(of.node, None)
+                if hidden is not None:
+                    parent, name, unlinker = hidden
+                    await self.store.remove(parent, name, unlinker)
 
     # -- directories ---------------------------------------------------------------
 
