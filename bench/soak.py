@@ -97,6 +97,7 @@ class Settings:
     interval: float
     seed: int
     markdown: bool
+    report: Path | None = None
 
     @property
     def seconds(self) -> float:
@@ -141,6 +142,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between samples")
     p.add_argument("--seed", type=int, default=14)
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="print the report of a saved run (its JSON) and exit")
     a = p.parse_args(argv)
     if not a.minutes > 0:
         raise UsageError("--minutes must be > 0")
@@ -158,7 +161,7 @@ def parse_args(argv: list[str] | None) -> Settings:
                     workloads=_names(a.workloads, list(WORKLOADS), "workload"), out=a.out,
                     cache_size=cache_size, max_dirty=max_dirty, cache_disk=cache_disk,
                     options=[o for o in a.options.split(",") if o], interval=a.interval,
-                    seed=a.seed, markdown=a.markdown)
+                    seed=a.seed, markdown=a.markdown, report=a.report)
 
 
 # --------------------------------------------------------------------------- the setup
@@ -613,8 +616,8 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     rows = soak_report.buckets(samples, events, width)
     b = res["bounds"]
     lines = [
-        f"wancache soak: profile {res['profile']} ({res['link_text']}), {res['minutes']:g} "
-        f"min of load, faults: {', '.join(res['faults']) or 'none'}",
+        f"wancache soak: profile {res['profile']} ({res['link_text']}), {_load(res)}, "
+        f"faults: {', '.join(res['faults']) or 'none'}",
         f"machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, Python "
         f"{m['python']}; wancache {m['commit'] or 'unknown commit'}",
         f"mount: cache_size={b['cache_size'] // MIB}M, max_dirty={b['max_dirty'] // MIB}M; "
@@ -653,6 +656,14 @@ def render(res: dict[str, Any], markdown: bool) -> str:
     return "\n".join(lines)
 
 
+def _load(res: dict[str, Any]) -> str:
+    """'30 min of load', or '4.7 of 30 min of load' when it ended early."""
+    ran = res["load_seconds"] / 60
+    if ran < res["minutes"] * 0.95:
+        return f"{ran:.1f} of {res['minutes']:g} min of load (ended early)"
+    return f"{res['minutes']:g} min of load"
+
+
 def write(res: dict[str, Any], out: Path, stamp: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"soak-{res['profile']}-{stamp}.json"
@@ -663,8 +674,19 @@ def write(res: dict[str, Any], out: Path, stamp: str) -> list[Path]:
                      [Event(**e) for e in res["events"]],
                      {"rss": res["bounds"]["rss"], "cache_dir": res["bounds"]["cache_dir"]},
                      f"wancache soak, profile {res['profile']} ({res['link_text']}), "
-                     f"{res['minutes']:g} min", png, res["load_seconds"])
+                     f"{_load(res)}", png, res["load_seconds"])
     return [data, out / "latest.json", png]
+
+
+def reprint(path: Path, markdown: bool) -> int:
+    """Print the report of a saved run."""
+    try:
+        res = json.loads(path.read_text())
+        print(render(res, markdown))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"python -m bench.soak: cannot read {path}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if all(c["ok"] for c in res["checks"]) else 1
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -678,6 +700,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"python -m bench.soak: error: {exc}", file=sys.stderr)
         return 2
+    if settings.report is not None:
+        return reprint(settings.report, settings.markdown)
     if os.geteuid() != 0:
         print("python -m bench.soak: must run as root (it mounts FUSE and a loop device)",
               file=sys.stderr)

@@ -66,9 +66,9 @@ FAULTS: dict[str, Fault] = {f.name: f for f in (
     Fault("outage", "WAN outage: the link refuses connections", 30.0, 30.0),
     Fault("stall", "stalled link: packets held, connections open", 20.0, 30.0),
     Fault("ganesha-restart", "nfs-ganesha restarted (same ports)", 0.0, 25.0),
-    Fault("kill", "kill -9 of the daemon, remount with the same cache_dir", 0.0, 25.0),
     Fault("disk-full", "the cache disk full (a ballast file fills it)", 30.0, 30.0),
     Fault("other-client", "another client changes and deletes 40 shared files", 5.0, 20.0),
+    Fault("kill", "kill -9 of the daemon, remount with the same cache_dir", 0.0, 25.0),
 )}
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 KEEP = 2                   # rounds kept per workload; older ones are removed
-STEP_TIMEOUT = 180.0       # a step still running after this is killed (and reported)
+STEP_TIMEOUT = 600.0       # a step still running after this is killed (and reported)
 GIT_ENV = {"GIT_AUTHOR_NAME": "soak", "GIT_AUTHOR_EMAIL": "soak@example.org",
            "GIT_COMMITTER_NAME": "soak", "GIT_COMMITTER_EMAIL": "soak@example.org",
            "GIT_AUTHOR_DATE": "2024-01-01T00:00:00Z",
