@@ -213,6 +213,7 @@ class SoakEnv:
         self.mount: WancacheMount | None = None
         self.killing = False
         self.crashes = 0
+        self.gone = ""           # why the mount could not be brought back (ends the soak)
         self.other: OtherClient | None = None
         stack.callback(self._stop_mount)
 
@@ -304,7 +305,8 @@ class SoakEnv:
             return self.start_mount()
         except MountFailed as exc:
             self.mount = None
-            raise MountFailed(f"the remount failed: {last_error(str(exc))}") from None
+            self.gone = f"the remount failed: {last_error(str(exc))}"
+            raise MountFailed(self.gone) from None
 
     def alive(self) -> bool:
         m = self.mount
@@ -433,7 +435,7 @@ class Soak:
             t.start()
         try:
             deadline = self.t0 + self.s.seconds
-            while time.time() < deadline and injector.error is None:
+            while time.time() < deadline and injector.error is None and not self.env.gone:
                 time.sleep(min(1.0, max(0.0, deadline - time.time())))
         finally:
             self.stop.set()
@@ -445,6 +447,8 @@ class Soak:
             other.join(timeout=180)
         if injector.error is not None:
             self.notes.append(f"fault injection failed: {injector.error!r}")
+        if self.env.gone:
+            self.notes.append(f"the soak ended early: {self.env.gone}")
         if note := self.env.check_daemon():
             self.log.end(ev := self.log.begin("crash"))
             ev.notes.append(note)
@@ -586,6 +590,8 @@ class Soak:
                          ", ".join(unresolved) or f"all (the last {KEEP} rounds kept)"))
         out.append(Check("the daemon never died by itself", self.env.crashes == 0,
                          f"{self.env.crashes} times"))
+        out.append(Check("every remount (after a kill or a crash) worked", not self.env.gone,
+                         self.env.gone or "all"))
         out.append(Check("every fault was injected", injector_error is None,
                          "" if injector_error is None else repr(injector_error)[:300]))
         return out

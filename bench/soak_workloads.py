@@ -333,7 +333,7 @@ class Workload:
         kind = f"{exc.step}: {_kind_of(exc.done)}"
         self.stats.errors[kind] += 1
         now = time.time()
-        if not self.ctx.faults(now - exc.done.seconds, now):
+        if self.ctx.alive() and not self.ctx.faults(now - exc.done.seconds, now):
             self.stats.unexpected.append(f"round {self.round_no}: {kind} "
                                          f"({exc.done.why()[:200]})")
 
