@@ -188,7 +188,7 @@ def _row(label: str, step: Step, config: str, limit: float, res: Result | None) 
     units = step.total or (res.done if res is not None and res.status == "ok" else None)
     if row.t_eff and units is not None:
         row.rate = units / row.t_eff
-    if row.t_eff and limit > 0:
+    if row.t_eff and limit > 0 and config != FLOOR:     # the floor does not cross the WAN
         row.fraction = limit / row.t_eff
         row.fraction_bound = {">": "<=", "~": "~"}.get(row.bound, "")
     return row
@@ -289,7 +289,7 @@ NOTES = [
     "copy of the data, same run): 1x is as fast as a pass-through FUSE file system in "
     "Python can be.",
     "of limit: physical limit / time. limit = bytes / link bandwidth + dependent round "
-    "trips, computed, not run; 0 = needs no WAN at all.",
+    "trips, computed, not run; 0 = needs no WAN at all (the floor has no WAN: none).",
     "RPCs: the wancache daemon's own NFS call counters; libnfs: calls that crossed the "
     "emulator (NFS and MOUNT). peak RSS: the wancache daemon's VmHWM.",
     "page cache dropped: drop_caches empties the host's page cache too, so wancache reads "
