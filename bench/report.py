@@ -2,8 +2,9 @@
 
 `derive` turns measured `Result`s into `Row`s: the time a whole step takes (measured,
 or estimated from the part done before a timeout), the speed-up over the pass-through
-baseline (`cache=off`), the share of the physical limit, and whether wancache meets
-its target.  `python -m bench.report FILE.json [--markdown]` prints a saved run again.
+baseline (`cache=off`), the speed relative to the Python-FUSE floor measured in the
+same run, the share of the physical limit, and whether wancache meets its target.
+`python -m bench.report FILE.json [--markdown]` prints a saved run again.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from bench.wanem import LinkProfile
 from bench.workloads import Result, Step
 
 BASELINE = "cache=off"
+FLOOR = "floor"
 TARGET_CONFIG = "wancache"
-COLORS = {"wancache": "#1f77b4", "cache=off": "#d62728", "libnfs": "#7f7f7f",
-          "limit": "#2ca02c"}
-HEADERS = ("workload", "config", "time", "rate", "x pass-through", "of limit", "RPCs",
-           "peak RSS", "target")
-RIGHT = {3, 4, 5, 6, 7}   # numeric columns
+COLORS = {"wancache": "#1f77b4", "cache=off": "#d62728", "floor": "#ff7f0e",
+          "libnfs": "#7f7f7f", "limit": "#2ca02c"}
+HEADERS = ("workload", "config", "time", "rate", "x pass-through", "x floor", "of limit",
+           "RPCs", "peak RSS", "target")
+RIGHT = {3, 4, 5, 6, 7, 8}   # numeric columns
 MAX_ERROR = 60
 
 
@@ -47,6 +49,8 @@ class Row:
     limit: float | None = None
     speedup: float | None = None
     speedup_bound: str = ""          # "", "~", ">=", "<="
+    floor_ratio: float | None = None  # rate / the floor's rate (same run)
+    floor_bound: str = ""
     fraction: float | None = None    # limit / t_eff
     fraction_bound: str = ""
     rpcs: int | None = None
@@ -106,11 +110,23 @@ def _speedup_bound(base: str, mine: str) -> str | None:
     return "~" if "~" in (base, mine) else ""
 
 
-def check_target(row: Row, step: Step, link: LinkProfile) -> tuple[bool | None, str]:
+def check_target(row: Row, step: Step, link: LinkProfile,
+                 profile: str = "") -> tuple[bool | None, str]:
     """Whether the row meets its step's target, and the number that decides it."""
     t = step.target
     if t is None or row.t_eff is None:
         return None, ""
+    if t.profile and profile != t.profile:
+        return None, f"{t.profile} profile only"
+    if t.kind == "floor":
+        if row.floor_ratio is None:
+            return None, "no floor"
+        note = f"{_bound(row.floor_bound)}{row.floor_ratio:.2f}x"
+        if row.floor_bound == "<=" and row.floor_ratio < t.value:
+            return False, note
+        if row.floor_bound in ("", "~"):
+            return row.floor_ratio >= t.value, note
+        return None, note
     exact_or_est = row.bound in ("", "~")
     if t.kind == "seconds":
         if row.bound == ">" and row.t_eff > t.value:
@@ -132,24 +148,28 @@ def check_target(row: Row, step: Step, link: LinkProfile) -> tuple[bool | None, 
 
 
 def derive(results: list[Result], steps: list[tuple[str, Step]], link: LinkProfile,
-           configs: list[str]) -> list[Row]:
+           configs: list[str], profile: str = "") -> list[Row]:
     """Rows for each (title, step) and configuration, in that order."""
     by_key = {(r.workload, r.step, r.config): r for r in results}
     rows = []
     for title, step in steps:
         limit = step.limit(link)
-        base = by_key.get((step.workload, step.name, BASELINE))
-        base_t, base_b = effective(base) if base else (None, "")
-        for config in configs:
-            row = _row(f"{title}: {step.label}", step, config, limit,
-                       by_key.get((step.workload, step.name, config)))
-            if row.t_eff and base_t:
-                sb = _speedup_bound(base_b, row.bound)
+        mine = [_row(f"{title}: {step.label}", step, config, limit,
+                     by_key.get((step.workload, step.name, config))) for config in configs]
+        base = next((r for r in mine if r.config == BASELINE), None)
+        floor = next((r for r in mine if r.config == FLOOR), None)
+        for row in mine:
+            if base is not None and base.rate and row.rate:
+                sb = _speedup_bound(base.bound, row.bound)
                 if sb is not None:
-                    row.speedup, row.speedup_bound = base_t / row.t_eff, sb
-            if config == TARGET_CONFIG and step.target is not None:
+                    row.speedup, row.speedup_bound = row.rate / base.rate, sb
+            if row.config != "limit" and floor is not None and floor.rate and row.rate:
+                fb = _speedup_bound(floor.bound, row.bound)
+                if fb is not None:
+                    row.floor_ratio, row.floor_bound = row.rate / floor.rate, fb
+            if row.config == TARGET_CONFIG and step.target is not None:
                 row.target = step.target.text
-                row.target_met, row.target_note = check_target(row, step, link)
+                row.target_met, row.target_note = check_target(row, step, link, profile)
             rows.append(row)
     return rows
 
@@ -164,11 +184,13 @@ def _row(label: str, step: Step, config: str, limit: float, res: Result | None) 
         row.t_eff, row.bound = effective(res)
         row.rpcs_by_proc, row.wan, row.peak_rss = res.rpcs, res.wan, res.peak_rss
         row.rpcs = None if res.rpcs is None else sum(res.rpcs.values())
-    if row.t_eff:
-        row.rate = step.total / row.t_eff
-        if limit > 0:
-            row.fraction = limit / row.t_eff
-            row.fraction_bound = {">": "<=", "~": "~"}.get(row.bound, "")
+    # A step that runs for a set time: what it did, if it finished.
+    units = step.total or (res.done if res is not None and res.status == "ok" else None)
+    if row.t_eff and units is not None:
+        row.rate = units / row.t_eff
+    if row.t_eff and limit > 0 and config != FLOOR:     # the floor does not cross the WAN
+        row.fraction = limit / row.t_eff
+        row.fraction_bound = {">": "<=", "~": "~"}.get(row.bound, "")
     return row
 
 
@@ -231,12 +253,14 @@ def fmt_target(row: Row) -> str:
 def cells(row: Row) -> list[str]:
     """The table cells of `row` (the first one, its label, included)."""
     speed = "" if row.speedup is None else f"{_bound(row.speedup_bound)}{_sig(row.speedup)}x"
+    floor = ("" if row.floor_ratio is None
+             else f"{_bound(row.floor_bound)}{_sig(row.floor_ratio)}x")
     frac = ("" if row.fraction is None
             else f"{_bound(row.fraction_bound)}{_sig(row.fraction * 100)}%")
     rpcs = "" if row.rpcs is None else str(row.rpcs)
     rss = "" if row.peak_rss is None else f"{row.peak_rss / (1 << 20):.0f} MiB"
-    return [row.label, row.config, fmt_time(row), fmt_rate(row), speed, frac, rpcs, rss,
-            fmt_target(row)]
+    return [row.label, row.config, fmt_time(row), fmt_rate(row), speed, floor, frac, rpcs,
+            rss, fmt_target(row)]
 
 
 def header_lines(report: Report) -> list[str]:
@@ -261,8 +285,11 @@ NOTES = [
     "time: wall time of the step. timeout (>T): killed after T; timeout (~T est.): "
     "stopped at the step timeout, whole step extrapolated from the part done.",
     "x pass-through: time under cache=off / time (≥, ≤: one side timed out; ~: estimated).",
+    "x floor: rate / the rate of the Python-FUSE floor (bench/passthrough.py over a local "
+    "copy of the data, same run): 1x is as fast as a pass-through FUSE file system in "
+    "Python can be.",
     "of limit: physical limit / time. limit = bytes / link bandwidth + dependent round "
-    "trips, computed, not run; 0 = needs no WAN at all.",
+    "trips, computed, not run; 0 = needs no WAN at all (the floor has no WAN: none).",
     "RPCs: the wancache daemon's own NFS call counters; libnfs: calls that crossed the "
     "emulator (NFS and MOUNT). peak RSS: the wancache daemon's VmHWM.",
     "page cache dropped: drop_caches empties the host's page cache too, so wancache reads "

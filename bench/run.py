@@ -7,9 +7,10 @@ from the best the link allows?
 It starts a private nfs-ganesha, writes each workload's data into its export, puts a
 WAN emulator in front of its NFS and MOUNT ports, and runs every workload under each
 configuration: a wancache mount with default options, one with `cache=off` (the
-baseline), libnfs-utils, and the computed physical limit.  Every step runs in a child
-process that is killed at the step timeout.  Mounts, emulators and the server are
-always torn down, also on errors and Ctrl-C.  See bench/README.md.
+baseline), the Python-FUSE floor (`bench.passthrough` over a local copy of the data:
+no WAN, no caching logic), libnfs-utils, and the computed physical limit.  Every step
+runs in a child process that is killed at the step timeout.  Mounts, emulators and the
+server are always torn down, also on errors and Ctrl-C.  See bench/README.md.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ from typing import Any, NoReturn
 
 from bench import report
 from bench.nfsserver import NfsServer, NfsServerError, start_server
+from bench.passthrough import PassthroughMount
 from bench.wanem import PROFILES, LinkProfile, WanEmulatorThread
-from bench.wcmount import WancacheMount, is_mounted
+from bench.wcmount import FuseChild, WancacheMount, is_mounted
 from bench.workloads import (
     CMD_ENV,
     FULL,
@@ -54,12 +56,13 @@ from bench.workloads import (
 from wancache.nfs_backend.nfs3 import Proc
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = ("wancache", "cache=off", "libnfs", "limit")
+CONFIGS = ("wancache", "cache=off", "floor", "libnfs", "limit")
 ALIASES = {"default": "wancache", "passthrough": "cache=off", "pass-through": "cache=off",
            "cache-off": "cache=off"}
 MOUNT_OPTIONS = {"wancache": (), "cache=off": ("cache=off",)}
-RUN_ORDER = ("cache=off", "wancache", "libnfs")     # "limit" is computed
-SLUGS = {"wancache": "wancache", "cache=off": "cache-off", "libnfs": "libnfs"}
+RUN_ORDER = ("floor", "cache=off", "wancache", "libnfs")     # "limit" is computed
+SLUGS = {"wancache": "wancache", "cache=off": "cache-off", "floor": "floor",
+         "libnfs": "libnfs"}
 STEP_TIMEOUT, QUICK_STEP_TIMEOUT = 15.0, 5.0
 GRACE = 5.0          # a child op stops itself at the timeout; killed this much later
 POLL = 0.02
@@ -218,9 +221,10 @@ class Runner:
     def _python(self, op: Op) -> Outcome:
         argv = [sys.executable, "-m", "bench.workloads"]
         proc = self._spawn(argv, subprocess.PIPE, subprocess.PIPE)
-        out = self._wait(proc, self.timeout + GRACE, op.to_json(self.timeout).encode())
+        out = self._wait(proc, self.timeout + op.runs_for + GRACE,
+                         op.to_json(self.timeout).encode())
         if out is None:
-            return Outcome("timeout", self.timeout)
+            return Outcome("timeout", self.timeout + op.runs_for)
         try:
             data = json.loads(_last_line(out[0]))
         except ValueError:
@@ -366,8 +370,11 @@ class MountContext(_Context):
         self.spec = bench.server.spec(f"{workload.name}/{SLUGS[config]}")
         self.options = [f"nfsport={bench.wan.nfs.port}", f"mountport={bench.wan.mount.port}",
                         f"cache_dir={bench.workdir / 'cache' / name}", "metrics=off",
-                        *MOUNT_OPTIONS[config], *workload.mount_options]
-        self.mount: WancacheMount | None = None
+                        *MOUNT_OPTIONS.get(config, ()), *workload.mount_options]
+        self.mount: FuseChild | None = None
+
+    def _make_mount(self) -> FuseChild:
+        return WancacheMount(self.spec, self.root, self.options, log_path=self.log)
 
     def __enter__(self) -> MountContext:
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -379,7 +386,7 @@ class MountContext(_Context):
         self._unmount()
 
     def _mount(self) -> None:
-        self.mount = WancacheMount(self.spec, self.root, self.options, log_path=self.log)
+        self.mount = self._make_mount()
         try:
             self.mount.start()
         except BaseException:
@@ -403,13 +410,28 @@ class MountContext(_Context):
 
     def _reset(self) -> None:
         super()._reset()
-        assert self.mount is not None
+        assert isinstance(self.mount, WancacheMount)
         self.mount.reset_rpc_calls()
 
     def _collect(self, res: Result) -> None:
         super()._collect(res)
-        assert self.mount is not None
+        assert isinstance(self.mount, WancacheMount)
         res.rpcs = dict(self.mount.rpc_calls())
+        res.peak_rss = self.mount.peak_rss()
+
+
+class FloorContext(MountContext):
+    """The Python-FUSE floor: `bench.passthrough` over the workload's data on local
+    disk (the config's own copy in the export directory; no WAN, no NFS)."""
+
+    def _make_mount(self) -> FuseChild:
+        return PassthroughMount(self.server_dir, self.root, log_path=self.log)
+
+    def _reset(self) -> None:
+        pass
+
+    def _collect(self, res: Result) -> None:
+        assert self.mount is not None
         res.peak_rss = self.mount.peak_rss()
 
 
@@ -515,7 +537,8 @@ class Bench:
                     ctx = LibnfsContext(self, workload, config)
                     workload.run_libnfs(ctx, sizes, frozenset(s.name for s in steps if s.libnfs))
                 else:
-                    with MountContext(self, workload, config) as mctx:
+                    kind = FloorContext if config == "floor" else MountContext
+                    with kind(self, workload, config) as mctx:
                         ctx = mctx
                         workload.run(mctx, sizes, want)
             except Exception as exc:
@@ -577,7 +600,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [f"{w.name}: mounted with {','.join(w.mount_options)} so the lease "
                   "expires quickly" for w in settings.workloads if w.mount_options],
     }
-    rep = report.Report(meta, report.derive(results, steps, settings.link, settings.configs))
+    rep = report.Report(meta, report.derive(results, steps, settings.link, settings.configs,
+                                            settings.profile))
     paths = report.write(rep, settings.out, started.strftime("%Y%m%d-%H%M%S"))
     print(report.markdown_table(rep) if settings.markdown else report.text_table(rep))
     print(f"\nwrote {', '.join(str(p) for p in paths)}")

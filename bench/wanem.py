@@ -5,7 +5,9 @@ link behave like a WAN pipe: each direction is one link shared by all proxied
 connections, a chunk occupies that link for ``n * 8 / bandwidth`` seconds and
 arrives one one-way delay after its transmission ends, so many requests in flight
 share the bandwidth instead of paying one RTT each.  It also counts ONC-RPC calls
-and replies (RFC 5531 record marking) and can simulate outages.
+and replies (RFC 5531 record marking) and can simulate outages: the link down
+(`stop`), bytes lost on open connections (`blackhole`), or bytes held on open
+connections and delivered late (`stall`).
 
 Library use (inside trio)::
 
@@ -306,6 +308,8 @@ class WanEmulator:
         self._blackhole = False
         self._blackhole_off = trio.Event()
         self._blackhole_off.set()
+        self._stall_off = trio.Event()
+        self._stall_off.set()
         self.in_flight = 0
         self.connections_total = 0
         self.reset_counts()
@@ -399,6 +403,20 @@ class WanEmulator:
             self._blackhole_off.set()
         self._blackhole = on
 
+    @property
+    def stalled(self) -> bool:
+        """True while `stall` holds every byte."""
+        return not self._stall_off.is_set()
+
+    def stall(self, on: bool) -> None:
+        """While on, connections stay open and nothing is delivered either way; the
+        bytes sent meanwhile are held (queued up to the window, then the senders
+        block, as TCP would) and delivered in order once the stall ends."""
+        if on and not self.stalled:
+            self._stall_off = trio.Event()
+        elif not on:
+            self._stall_off.set()
+
     def set_link(self, rtt_ms: float | None = None, up_mbit: float | None = None,
                  down_mbit: float | None = None, *, up_delay_ms: float | None = None,
                  down_delay_ms: float | None = None) -> None:
@@ -467,6 +485,7 @@ class WanEmulator:
             "connections_open": self.connections_open,
             "listening": self.listening,
             "blackhole": self._blackhole,
+            "stalled": self.stalled,
             "link": {**dataclasses.asdict(self.profile),
                      "window_up": self.window("up"), "window_down": self.window("down")},
         }
@@ -587,6 +606,7 @@ class WanEmulator:
                     await pipe.has_data.park()
                 due, data = pipe.queue[0]
                 await trio.sleep_until(due)
+                await self._stall_off.wait()
                 if data is None:  # FIN: a blackhole holds it back rather than losing it
                     while self._blackhole:
                         await self._blackhole_off.wait()
@@ -707,6 +727,10 @@ class WanEmulatorThread:
         """See `WanEmulator.blackhole`."""
         self._call(self.emulator.blackhole, on)
 
+    def stall(self, on: bool) -> None:
+        """See `WanEmulator.stall`."""
+        self._call(self.emulator.stall, on)
+
     def set_link(self, rtt_ms: float | None = None, up_mbit: float | None = None,
                  down_mbit: float | None = None, **kw: float | None) -> None:
         """See `WanEmulator.set_link`."""
@@ -780,6 +804,8 @@ def control_command(emu: WanEmulator, line: str) -> str:
             emu.reset_counts()
         elif cmd == "blackhole" and len(args) == 1 and args[0] in ("on", "off"):
             emu.blackhole(args[0] == "on")
+        elif cmd == "stall" and len(args) == 1 and args[0] in ("on", "off"):
+            emu.stall(args[0] == "on")
         elif cmd == "link" and args:
             kw: dict[str, float] = {}
             for arg in args:
@@ -797,7 +823,7 @@ def control_command(emu: WanEmulator, line: str) -> str:
             emu.set_link(**kw)
         else:
             return ("error: commands are stop, start, drop, reset, blackhole on|off, "
-                    "link rtt=MS mbit=N|up=N|down=N, stats")
+                    "stall on|off, link rtt=MS mbit=N|up=N|down=N, stats")
     except (ValueError, OSError, RuntimeError) as exc:
         return f"error: {exc}"
     return "ok"

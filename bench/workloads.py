@@ -17,9 +17,11 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -62,12 +64,16 @@ class Sizes:
     header_kib: int = 8
     source_kib: int = 4
     object_kib: int = 64
+    readers: int = 16
+    reader_mib: int = 4
+    dbench_clients: int = 4
+    dbench_seconds: int = 20
 
 
 FULL = Sizes()
 QUICK = replace(FULL, seq_mib=8, rand_mib=8, rand_reads=200, ls_entries=300, tree_dirs=10,
                 tree_files=200, untar_files=200, untar_dirs=4, git_files=200, git_dirs=10,
-                units=10)
+                units=10, reader_mib=1, dbench_seconds=6)
 
 
 # --------------------------------------------------------------------------- steps
@@ -95,8 +101,10 @@ class Target:
 
     text: str
     kind: str     # "link" (share of link rate), "rate", "rate-noread" (and no READ call),
-                  # "rpcs" (at most), "seconds" (at most)
+                  # "rpcs" (at most), "seconds" (at most), "floor" (rate / the floor's rate
+                  # in the same run, at least)
     value: float
+    profile: str = ""    # checked on this profile only ("": on every profile)
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ class Step:
     name: str
     label: str
     unit: str
-    total: int
+    total: int                   # 0: the step runs for a set time and reports what it did
     needs: tuple[Need, ...]      # ways to do it; the limit is the fastest
     target: Target | None = None
     libnfs: bool = False         # libnfs-utils have an equivalent
@@ -145,9 +153,11 @@ class Op:
 
     kind: str
     args: dict[str, Any] = field(default_factory=dict)
+    runs_for: float = 0.0     # seconds it runs by design, on top of the step timeout
 
     def to_json(self, timeout: float) -> str:
-        return json.dumps({"kind": self.kind, "args": self.args, "timeout": timeout})
+        return json.dumps({"kind": self.kind, "args": self.args,
+                           "timeout": timeout + self.runs_for})
 
 
 def cmd(*argv: str | Path) -> Op:
@@ -636,9 +646,57 @@ class SeqWrite(Workload):
                            self._complete(ctx.server_dir / "out.bin", sizes.seq_mib * MIB))
 
 
+class ParallelRead(Workload):
+    """Many readers at once, each reading its own cold file sequentially."""
+
+    name = "parallel-read"
+
+    def title(self, sizes: Sizes) -> str:
+        return f"{sizes.readers} readers x {sizes.reader_mib} MiB"
+
+    def steps(self, sizes: Sizes) -> list[Step]:
+        size = sizes.readers * sizes.reader_mib * MIB
+        return [Step(self.name, "cold", "cold, at once", "B/s", size, (Need(1, down=size),),
+                     Target(">=90% of link rate", "link", 0.9))]
+
+    def _paths(self, root: Path, sizes: Sizes) -> list[str]:
+        return [str(root / "files" / f"f{i:02d}.bin") for i in range(sizes.readers)]
+
+    def generate(self, root: Path, scratch: Path, sizes: Sizes, libnfs: bool) -> None:
+        for i, path in enumerate(self._paths(root, sizes)):
+            _write(Path(path), random_bytes(SEED + 100 + i, sizes.reader_mib * MIB))
+
+    def run(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
+        if "cold" in want:
+            ctx.measure(self.step(sizes, "cold"), Op("parallel-read", {
+                "paths": self._paths(ctx.root, sizes), "chunk": MIB}))
+
+
+class Dbench(Workload):
+    """Debian's `dbench`: N clients replaying a file-server load for a set time."""
+
+    name = "dbench"
+
+    def title(self, sizes: Sizes) -> str:
+        return f"dbench {sizes.dbench_clients} clients"
+
+    def steps(self, sizes: Sizes) -> list[Step]:
+        return [Step(self.name, "run", f"{sizes.dbench_seconds} s", "B/s", 0, (Need(),),
+                     Target(">=1.0x floor", "floor", 1.0, profile="lan"))]
+
+    def generate(self, root: Path, scratch: Path, sizes: Sizes, libnfs: bool) -> None:
+        (root / "dbench").mkdir(parents=True, exist_ok=True)
+
+    def run(self, ctx: Context, sizes: Sizes, want: frozenset[str]) -> None:
+        if "run" in want:
+            ctx.measure(self.step(sizes, "run"), Op("dbench", {
+                "dir": str(ctx.root / "dbench"), "clients": sizes.dbench_clients,
+                "seconds": sizes.dbench_seconds}, runs_for=sizes.dbench_seconds))
+
+
 WORKLOADS: dict[str, Workload] = {w.name: w for w in (
-    SeqRead(), SeqWrite(), RandomRead(), Listing(), FindStat(), Untar(), GitStatus(),
-    Compile())}
+    SeqRead(), SeqWrite(), RandomRead(), ParallelRead(), Listing(), FindStat(), Untar(),
+    GitStatus(), Compile(), Dbench())}
 QUICK_WORKLOADS = ("seq-read", "ls", "untar")
 
 
@@ -741,20 +799,69 @@ def op_copy(args: dict[str, Any], deadline: float) -> int:
             done += len(chunk)
 
 
-CHILD_OPS: dict[str, Callable[[dict[str, Any], float], int]] = {
+def op_parallel_read(args: dict[str, Any], deadline: float) -> int:
+    """Read every file of `paths` at once, one thread each; bytes read."""
+    done = [0] * len(args["paths"])
+    errors: list[BaseException] = []
+
+    def reader(i: int, path: str) -> None:
+        buf = bytearray(args["chunk"])
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while time.monotonic() <= deadline and (n := f.readinto(buf)):
+                    done[i] += n
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(i, p), daemon=True)
+               for i, p in enumerate(args["paths"])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    if time.monotonic() > deadline:
+        raise Deadline(sum(done))
+    return sum(done)
+
+
+DBENCH_THROUGHPUT = re.compile(rb"Throughput ([0-9.]+) MB/sec")
+
+
+def op_dbench(args: dict[str, Any], deadline: float) -> tuple[int, float]:
+    """`dbench -t SECONDS -D DIR CLIENTS`: (bytes, seconds) at its reported throughput."""
+    seconds = args["seconds"]
+    try:
+        proc = subprocess.run(["dbench", "-t", str(seconds), "-D", args["dir"],
+                               str(args["clients"])], capture_output=True, check=False,
+                              timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        raise Deadline(0) from None
+    found = DBENCH_THROUGHPUT.search(proc.stdout)
+    if proc.returncode != 0 or found is None:
+        tail = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
+        raise OSError(f"dbench exited {proc.returncode}: {tail[-1] if tail else ''}")
+    return int(float(found.group(1)) * 1e6 * seconds), float(seconds)
+
+
+CHILD_OPS: dict[str, Callable[[dict[str, Any], float], int | tuple[int, float]]] = {
     "read": op_read, "pread": op_pread, "compile": op_compile, "nfs-cp": op_nfs_cp,
-    "copy": op_copy}
+    "copy": op_copy, "parallel-read": op_parallel_read, "dbench": op_dbench}
 
 
 def run_child_op(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one op; its outcome: seconds, units done, whether it ran out of time."""
+    """Run one op; its outcome: seconds, units done, whether it ran out of time.
+
+    An op that runs for a set time returns (units, seconds measured) itself."""
     fn = CHILD_OPS[spec["kind"]]
     start = time.monotonic()
     try:
-        done, timeout = fn(spec["args"], start + spec["timeout"]), False
+        out, timeout = fn(spec["args"], start + spec["timeout"]), False
     except Deadline as exc:
-        done, timeout = exc.done, True
-    return {"seconds": time.monotonic() - start, "done": done, "timeout": timeout}
+        out, timeout = exc.done, True
+    done, seconds = out if isinstance(out, tuple) else (out, time.monotonic() - start)
+    return {"seconds": seconds, "done": done, "timeout": timeout}
 
 
 def main() -> int:

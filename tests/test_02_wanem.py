@@ -451,6 +451,29 @@ async def test_blackhole_loses_bytes_without_closing(nursery, echo_port):
     await stream.aclose()
 
 
+async def test_stall_holds_bytes_and_delivers_them_in_order(nursery, echo_port):
+    emu = await start_emu(nursery, echo_port, LinkProfile(rtt_ms=10))
+    stream = await connect(emu)
+    await round_trip(stream)
+    emu.stall(True)
+    assert emu.snapshot()["stalled"]
+    msgs = [b"first,", b"second,", b"third"]
+    for m in msgs:
+        await stream.send_all(m)
+    with trio.move_on_after(1.0) as cancelled:
+        await stream.receive_some(100)  # neither an answer nor EOF while stalled
+    assert cancelled.cancelled_caught
+    assert emu.connections_open == 1
+    emu.stall(False)
+    want = b"".join(msgs)
+    with trio.fail_after(5):
+        assert await recv_exactly(stream, len(want)) == want
+    await round_trip(stream)
+    assert emu.snapshot()["bytes_blackholed"] == 0
+    assert emu.snapshot()["connections_total"] == 1
+    await stream.aclose()
+
+
 # --------------------------------------------------------------------------- sync API and command
 
 
@@ -501,6 +524,9 @@ def test_thread_api(sync_echo):
         assert emu.snapshot()["link"]["up_mbit"] == 1000
         emu.drop_connections()
         emu.blackhole(False)
+        emu.stall(True)
+        assert emu.snapshot()["stalled"]
+        emu.stall(False)
         emu.reset_counts()
         assert emu.snapshot()["connections_total"] == 0
         port = emu.port
@@ -536,13 +562,13 @@ def test_command_line(sync_echo, tmp_path):
         address = ("127.0.0.1", int(m.group(1)))
         call = record(rpc_call(9, NFS, 3, 6))
         assert _sync_round_trip(address, call) == call
-        stats, bad, ok, link = _control(ctl, "stats", "bogus", "blackhole off",
-                                        "link rtt=20 up=50 down=inf")
+        stats, bad, ok, link, stall = _control(ctl, "stats", "bogus", "blackhole off",
+                                               "link rtt=20 up=50 down=inf", "stall off")
         snap = json.loads(stats)
         assert snap["counts"] == {"100003.3.6": 1}
         assert snap["connections_total"] == 1
         assert bad.startswith("error:")
-        assert ok == link == "ok"
+        assert ok == link == stall == "ok"
         assert _control(ctl, "stop") == ["ok"]
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(address, timeout=5)

@@ -6,12 +6,23 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from bench import report
 from bench.run import CONFIGS, MOUNT_OPTIONS
-from bench.workloads import QUICK, QUICK_WORKLOADS, WORKLOADS
+from bench.wanem import PROFILES
+from bench.workloads import (
+    QUICK,
+    QUICK_WORKLOADS,
+    WORKLOADS,
+    Result,
+    Step,
+    op_dbench,
+    op_parallel_read,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,13 +70,16 @@ def test_quick_json_has_every_step_and_config(quick_run: tuple[Path, str]) -> No
         assert r["status"] in ("ok", "timeout"), r
         if config == "limit":
             assert r["seconds"] >= 0 and r["rpcs"] is None
+        elif config == "floor":     # the pass-through of a local directory: no RPCs
+            assert r["seconds"] > 0 and r["rpcs"] is None and r["peak_rss"] > 0, r
+            assert r["floor_ratio"] == 1, r
         else:
             assert r["seconds"] > 0, r
             assert r["rpcs"] is not None and r["rpcs"] >= 0, r
             assert all(n >= 0 for n in r["rpcs_by_proc"].values()), r
         if config in MOUNT_OPTIONS:
             assert r["peak_rss"] > 0, r
-        for key in ("speedup", "fraction", "rate", "t_eff"):
+        for key in ("speedup", "fraction", "rate", "t_eff", "floor_ratio"):
             assert r[key] is None or (math.isfinite(r[key]) and r[key] >= 0), (key, r)
     # Each configuration actually ran (or was computed) somewhere.
     for config in CONFIGS:
@@ -89,8 +103,8 @@ def test_quick_table_has_expected_rows(quick_run: tuple[Path, str]) -> None:
     assert lines[0].startswith("wancache bench: profile branch")
     assert lines[1].startswith("machine: ") and "cores" in lines[1] and "Python" in lines[1]
     header = next(line for line in lines if line.startswith("workload"))
-    for column in ("config", "time", "x pass-through", "of limit", "RPCs", "peak RSS",
-                   "target"):
+    for column in ("config", "time", "x pass-through", "x floor", "of limit", "RPCs",
+                   "peak RSS", "target"):
         assert column in header
     for _, _, _, label in quick_steps():
         i = next(i for i, line in enumerate(lines) if line.startswith(label + " "))
@@ -113,3 +127,42 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str]) -> None:
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "error" in proc.stderr
+
+
+def test_parallel_read_reads_every_file_at_once(tmp_path: Path) -> None:
+    paths = []
+    for i in range(16):
+        p = tmp_path / f"f{i}"
+        p.write_bytes(bytes([i]) * (100_000 + i))
+        paths.append(str(p))
+    assert op_parallel_read({"paths": paths, "chunk": 1 << 16}, math.inf) == \
+        sum(100_000 + i for i in range(16))
+
+
+def test_dbench_reports_its_throughput(tmp_path: Path) -> None:
+    done, seconds = op_dbench({"dir": str(tmp_path), "clients": 2, "seconds": 2},
+                              time.monotonic() + 60)
+    assert seconds == 2 and done > 0
+
+
+def _steps(name: str) -> list[tuple[str, Step]]:
+    w = WORKLOADS[name]
+    return [(w.title(QUICK), s) for s in w.steps(QUICK)]
+
+
+def test_dbench_target_is_the_floor_on_lan_only() -> None:
+    """A time-bound step's rate is what it did; the target compares it with the floor."""
+    steps = _steps("dbench")
+    results = [Result("dbench", "run", "wancache", "ok", 6.0, 60_000_000),
+               Result("dbench", "run", "floor", "ok", 6.0, 120_000_000),
+               Result("dbench", "run", "cache=off", "timeout", 11.0, 0)]
+    configs = ["wancache", "cache=off", "floor", "limit"]
+    rows = {r.config: r for r in report.derive(results, steps, PROFILES["lan"], configs,
+                                                 "lan")}
+    assert rows["wancache"].rate == 10e6 and rows["floor"].rate == 20e6
+    assert rows["wancache"].floor_ratio == 0.5 and rows["floor"].floor_ratio == 1
+    assert rows["cache=off"].rate is None
+    assert rows["wancache"].target_met is False and "0.50x" in rows["wancache"].target_note
+    branch = {r.config: r for r in report.derive(results, steps, PROFILES["branch"],
+                                                   configs, "branch")}
+    assert branch["wancache"].target_met is None
