@@ -122,6 +122,8 @@ def test_replay_of_a_rename_over_a_file_already_applied(
     assert " ERROR " not in m.log()
 
 
+@pytest.mark.xfail(strict=True, reason="nfs-ganesha's VFS backend answers OK to SETATTR of "
+                   "a symlink's times and keeps the old ones (README: server limitations)")
 @pytest.mark.parametrize("mode", list(MOUNT_MODES))
 def test_utimensat_on_a_symlink_sticks(export: Export, mount_factory: MountFactory,
                                        mode: str) -> None:

@@ -39,13 +39,18 @@ def data_version(attrs: Fattr3) -> str:
     return f"{m:x}-{c:x}-{s:x}"
 
 
+def content_version_of(mtime_ns: int, size: int) -> str:
+    """`content_version` of a file with this mtime and size."""
+    return f"{mtime_ns:x}-{size:x}"
+
+
 def content_version(attrs: Fattr3) -> str:
     """What tells another writer changed a file's contents: (mtime, size).
 
     ctime is left out on purpose: our own LINK, RENAME or chmod change it too, and
     those are not conflicts.  (A writer who restores mtime and size goes unnoticed.)
     """
-    return f"{attrs.mtime.to_ns():x}-{attrs.size:x}"
+    return content_version_of(attrs.mtime.to_ns(), attrs.size)
 
 
 def _pre_version(before: WccAttr) -> tuple[int, int, int]:

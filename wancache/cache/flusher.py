@@ -58,7 +58,7 @@ from wancache.nfs_backend.errors import (
 )
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3, StableHow
 
-from .attrs import content_version
+from .attrs import content_version, content_version_of
 from .node import Node
 from .nodes import STALE, NodeTable
 from .overlay import Extent, FileOp, FileOverlay
@@ -144,6 +144,7 @@ class FlushHooks:
     """What the flusher needs from, and reports to, the rest of the mount."""
 
     read_data: Callable[[int, int, int], Awaitable[bytes]]        # (seq, skip, length)
+    flushing: Callable[[Node, str], Awaitable[None]]   # a batch will leave this version
     server_size: Callable[[Node], int]      # server's size under the node's pending data
     local_attrs: Callable[[Node], Fattr3]   # attributes as users here see them
     read_ours: Callable[[Node, int, int], Awaitable[bytes]]       # the file, our version
@@ -271,6 +272,7 @@ class Flusher:
         self.nodes = nodes
         self.hooks: FlushHooks | None = None      # wired by the composition root
         self.base_version: Callable[[Node], str | None] = lambda node: None
+        self.also_ours: Callable[[Node], set[str]] = lambda node: set()
         self.stats = FlushStats()
         self.last_local_change = -math.inf       # trio time of the last change submitted
         self._pending: dict[int, Pending] = {}
@@ -685,7 +687,7 @@ class Flusher:
                 name = self._conflict_name(c.name)
                 self.stats.conflicts += 1
                 log.warning("conflict: %r was created on the server by another client; "
-                            "ours is written as %r", c.parent.path() + b"/" + c.name, name)
+                            "ours is written as %r", c.parent.child_path(c.name), name)
                 self._h.renamed(c.node, name)
         fh, attrs = res.object, res.obj_attributes
         if fh is None or attrs is None:
@@ -739,7 +741,7 @@ class Flusher:
                 look.obj_attributes.type is not Ftype3.DIR:
             return False
         log.info("directory %r already exists on the server: merging ours into it",
-                 c.parent.path() + b"/" + name)
+                 c.parent.child_path(name))
         await self._bind(c, look.fh, look.obj_attributes, name, nfs3.WccData())
         return True
 
@@ -763,7 +765,7 @@ class Flusher:
                 return     # already gone (a repeat, or another client removed it)
             if exc.status in (Nfsstat3.NFS3ERR_NOTEMPTY, Nfsstat3.NFS3ERR_EXIST):
                 log.warning("not removing %r: another client put files in it",
-                            c.parent.path() + b"/" + c.name)
+                            c.parent.child_path(c.name))
                 return
             raise
         self._h.dir_changed(c.parent, res.dir_wcc, c.name, removed=True)
@@ -816,14 +818,19 @@ class Flusher:
         changes = [p.change for p in batch]
         node = changes[0].node
         created = changes[0].kind == "create"
-        if created:
-            await self._create(batch[0])
+        if created and changes[0].node.is_local:   # (not when an earlier attempt did it:
+            await self._create(batch[0])           # WRITEs changed its verifier's times)
         cred = changes[-1].cred
         base = next((c.base for c in changes if c.base), "")
         if base and not created and await self._conflicted(node, base):
             return await self._conflict(node, batch)
         ops = [c.file_op for c in changes if c.file_op is not None]
         size = 0 if created else self._h.server_size(node)
+        mtime = next((c.mtime_after for c in reversed(changes) if c.mtime_after is not None),
+                     None)
+        if base and ops and mtime is not None:
+            await self._h.flushing(node, content_version_of(
+                mtime, FileOverlay.fold(size, ops).size))
         for _round in range(3):
             sent = await self._send_data(node, ops, size, cred)
             if sent is not None:
@@ -963,10 +970,10 @@ class Flusher:
 
     async def _conflicted(self, node: Node, base: str) -> bool:
         """Did someone else change `node` since the version our changes apply to?"""
-        expected = self.base_version(node) or base
+        expected = {self.base_version(node) or base} | self.also_ours(node)
         current = await self.nodes.on(node, Cred.root(),
                                       lambda fh: self.client.getattr(fh, Cred.root()))
-        return content_version(current) != expected
+        return content_version(current) not in expected
 
     def _conflict_name(self, name: bytes) -> bytes:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -976,12 +983,13 @@ class Flusher:
     async def _conflict(self, node: Node, batch: list[Pending]) -> Outcome:
         """Someone else changed the file: keep theirs, write ours next to it."""
         self._take_later(batch)
-        parent = node.parent
-        name = self._conflict_name(node.name)
+        # (a file known by its handle only, after a restart: the copy goes to the root)
+        parent = node.parent or self.nodes.root
+        name = self._conflict_name(node.name or f"file-{node.fileid}".encode())
         self.stats.conflicts += 1
         log.warning("conflict: %r changed on the server since we cached it; keeping the "
-                    "server's file and writing ours as %r", node.path(), name)
-        if parent is None or parent.is_local:
+                    "server's file and writing ours as %r", node.path(), parent.child_path(name))
+        if parent.is_local:
             raise Unresolvable(node.path())
         attrs = self._h.local_attrs(node)
         cred = batch[0].change.cred

@@ -51,6 +51,10 @@ class Node:
         """Created here and not yet on the server: `fh` is a placeholder."""
         return self.fh.startswith(LOCAL_PREFIX)
 
+    def child_path(self, name: bytes) -> bytes:
+        """The path of `name` in this directory (for log messages)."""
+        return self.path().rstrip(b"/") + b"/" + name
+
     def path(self) -> bytes:
         """The last known path below the mount root (for log messages)."""
         parts: list[bytes] = []

@@ -192,6 +192,7 @@ class NodeOverlay:
     entry_seq: dict[bytes, int] = field(default_factory=dict)
     base_version: str | None = None   # content version our changes apply to (conflicts)
     base_data: str = ""               # the data version (block keys) they apply to
+    base_also: set[str] = field(default_factory=set)   # versions our flushes left (replay)
     target: bytes = b""               # symlinks created here
     seqs: set[int] = field(default_factory=set)   # records of this node not yet done
 

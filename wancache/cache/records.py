@@ -3,7 +3,9 @@
 A record is MAGIC | u32 header length | JSON header | raw data (a write's bytes).
 The header names nodes by reference: 'f<hex handle>' for a node that exists on the
 server, 'l<local id>' for one created here whose handle is not known yet (a BIND
-record gives it later).  Replay reads headers only; a write's bytes stay in the
+record gives it later).  A BASE record says which content version our own flushed
+changes left a file at, so a replay after a crash does not take them for another
+client's.  Replay reads headers only; a write's bytes stay in the
 journal and are read back from there when needed.
 """
 
@@ -19,7 +21,7 @@ from wancache.creds import Cred
 MAGIC = b"WBO1"
 PREFIX = 8                    # MAGIC + u32 header length
 CREATES = ("create", "mkdir", "symlink", "mknod")
-KINDS = (*CREATES, "link", "remove", "rmdir", "rename", "write", "setattr", "bind")
+KINDS = (*CREATES, "link", "remove", "rmdir", "rename", "write", "setattr", "bind", "base")
 _BYTES_FIELDS = ("name", "name2", "target", "fh")
 
 

@@ -359,7 +359,7 @@ class Store:
         entry = self.attrs.peek(fh) if fh is not None else None
         if fh is None or entry is None:
             return None
-        log.debug("server unreachable: %r as last seen", parent.path().rstrip(b"/") + b"/" + name)
+        log.debug("server unreachable: %r as last seen", parent.child_path(name))
         node = self.nodes.node_for(fh, entry.attrs, parent, name)
         return node, self._seen(node, entry.attrs)
 

@@ -99,16 +99,20 @@ class WriteBack:
         self._failures: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
         self._lrefs: dict[int, int] = {}           # local id -> unfinished records naming it
         self._binds: dict[int, int] = {}           # local id -> seq of its BIND record
+        self._base_records: dict[Node, int] = {}   # node -> seq of its pending BASE record
+        self._base_also: dict[str, set[str]] = {}  # replay: versions BASE records gave
         self._room = trio.Event()
         self._to_complete: list[int] = []
         self._completing = trio.Event()
         self._completed = trio.Event()
         self._lost_dir = (cfg.cache_dir or Path("/tmp")) / "lost+found"
         flusher.base_version = self._current_base
+        flusher.also_ours = self._also_ours
 
     def hooks(self, **others: Any) -> FlushHooks:
         """The flusher's hooks this layer answers (the caches' come in `others`)."""
         return FlushHooks(read_data=self._read_record, server_size=self._server_size,
+                          flushing=self._flushing,
                           local_attrs=self.attrs_of,
                           read_ours=functools.partial(self._read_local, ours_only=True),
                           bound=self._bound, renamed=self._renamed, done=self._done,
@@ -146,6 +150,11 @@ class WriteBack:
     def _current_base(self, node: Node) -> str | None:
         ov = self.overlay.get(node)
         return ov.base_version if ov is not None else None
+
+    def _also_ours(self, node: Node) -> set[str]:
+        """Content versions our own flushes before a restart may have left (BASE)."""
+        ov = self.overlay.get(node)
+        return ov.base_also if ov is not None else set()
 
     # -- reading local data ----------------------------------------------------------
 
@@ -346,6 +355,20 @@ class WriteBack:
             self._completed.set()
             self._completed = trio.Event()
 
+    async def _flushing(self, node: Node, version: str) -> None:
+        """A data batch of a file others may change is about to be sent, and will leave
+        it at content version `version`: journal that first (a BASE record), so a
+        replay after a crash takes the server's file at that version for ours."""
+        seq = await self.journal.append(encode_op(Op("base", node=_ref(node), base=version,
+                                                     time_ns=time.time_ns())))
+        old = self._base_records.get(node)
+        if old is not None:
+            self._complete([old])
+        if self.overlay.get(node) is None:
+            self._complete([seq])
+        else:
+            self._base_records[node] = seq
+
     async def drain(self) -> None:
         """Wait until every finished change is also marked done in the journal."""
         while self._to_complete:
@@ -403,7 +426,7 @@ class WriteBack:
 
     def _apply(self, op: Op, *, replaying: bool) -> None:
         """Put record `op` into the overlay and hand it to the flusher."""
-        if op.kind == "bind":
+        if op.kind in ("bind", "base"):
             return
         if op.base and not replaying:
             # What the change applies to now: a flush may have completed while its
@@ -475,7 +498,10 @@ class WriteBack:
 
     def _apply_rename(self, op: Op, now: NfsTime) -> Change:
         node, src, dst = self._node(op.node), self._node(op.parent), self._node(op.parent2)
-        replaced = self._node(op.target.decode()) if op.target else None
+        try:
+            replaced = self._node(op.target.decode()) if op.target else None
+        except Unresolvable:     # (a replay: the file it replaced is gone already)
+            replaced = None
         moved_dir = node.is_dir and src is not dst
         self._dir_entry(src, op.name, WHITEOUT, op.seq, now, -1 if moved_dir else 0)
         gone_dir = replaced is not None and replaced.is_dir
@@ -493,6 +519,7 @@ class WriteBack:
         """Our data changes to a server file start: remember what they apply to."""
         if ov.base_version is None and base:
             ov.base_version = base
+            ov.base_also = self._base_also.get(_ref(node), set())
             entry = self.attrs.peek(node.fh)
             ov.base_data = data_version(entry.attrs) if entry is not None else ""
             self.hold(node, True)
@@ -580,6 +607,9 @@ class WriteBack:
                     del ov.entries[name], ov.entry_seq[name]
                 if ov.idle or node is drop:
                     self.overlay.drop(ov.node)
+                    base = self._base_records.pop(ov.node, None)
+                    if base is not None:
+                        self._complete([base])
                     if ov.base_data:
                         self.hold(ov.node, False)
                     if not ov.node.is_local:
@@ -645,17 +675,21 @@ class WriteBack:
         ops, unreadable = await trio.to_thread.run_sync(self._read_headers)
         for seq, why in unreadable:
             await self._give_up(seq, None, f"unreadable record ({why})")
+        alias: dict[str, str] = {}           # 'l<id>' -> 'f<handle>' a BIND gave it
         for op in ops:
             if op.kind == "bind":
                 self._binds[int(op.node[1:])] = op.seq
+                alias[op.node] = "f" + op.fh.hex()
         known = await self._know_nodes(ops)   # (held here: the node table is weak)
-        removed = {r for op in ops for r in _removes(op)}
+        removed = {alias.get(r, r) for op in ops for r in _removes(op)}
+        bases = {op.node: op for op in ops if op.kind == "base"}   # the last of each file
+        self._base_also = {ref: {op.base for op in ops if op.kind == "base" and op.node == ref}
+                           for ref in bases}
         queued = 0
         for op in ops:
-            if op.kind == "bind":
+            if op.kind in ("bind", "base"):
                 continue
-            created = self.nodes.local(int(op.node[1:])) if op.kind in CREATES else None
-            if created is not None and not created.is_local:
+            if op.kind in CREATES and op.node in alias:
                 self._complete([op.seq])     # it reached the server before the crash
                 continue
             for local_id in op.local_ids():
@@ -665,7 +699,7 @@ class WriteBack:
                 queued += 1
             except Unresolvable as exc:
                 self._release_ids(op.local_ids())
-                if op.node in removed:    # removed later in the journal anyway
+                if alias.get(op.node, op.node) in removed:   # removed later anyway
                     log.info("journal record %d (%s) needs no replay: its file is gone",
                              op.seq, op.kind)
                     self._complete([op.seq])
@@ -673,10 +707,26 @@ class WriteBack:
                     await self._give_up(op.seq, op, f"it names a file that is gone ({exc})")
         idle = [i for i in self._binds if not self._lrefs.get(i)]
         self._complete([self._binds.pop(i) for i in idle])
+        self._keep_bases(ops, bases)
         del known
         if queued:
             log.info("replaying %d changes from the journal", queued)
         return queued
+
+    def _keep_bases(self, ops: list[Op], last: dict[str, Op]) -> None:
+        """BASE records stay pending while their file has replayed changes; older
+        ones, and those of files with none, are done."""
+        for op in ops:
+            if op.kind != "base":
+                continue
+            try:
+                node = self._node(op.node)
+            except Unresolvable:
+                node = None
+            if node is not None and last[op.node] is op and self.overlay.get(node):
+                self._base_records[node] = op.seq
+            else:
+                self._complete([op.seq])
 
     def _read_headers(self) -> tuple[list[Op], list[tuple[int, str]]]:
         """The Op of every pending record (headers only), and those that fail to read."""
