@@ -551,6 +551,7 @@ class FakeNfs:
             if len(node.data) < end:
                 node.data.extend(bytes(end - len(node.data)))
             node.data[offset:end] = taken
+            node.verf = b""       # (servers keep an EXCLUSIVE verifier in the times)
             self._touch(node, size=len(node.data))
             sinks.append((fh, node.attrs, before))
             verf = self.verf
@@ -579,6 +580,7 @@ class FakeNfs:
                 del node.data[attrs.size:]
                 node.data.extend(bytes(attrs.size - len(node.data)))
             changes: dict[str, object] = {"size": len(node.data)}
+            node.verf = b""
             for name in ("mode", "uid", "gid"):
                 if getattr(attrs, name) is not None:
                     changes[name] = getattr(attrs, name)

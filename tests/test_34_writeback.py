@@ -469,3 +469,18 @@ def test_random_writes_truncates_and_flushes_reach_the_server_as_made(
             assert await store.read(f, 0, 10_000, ROOT) == bytes(model)
 
     trio.run(run)
+
+
+async def test_a_batch_retried_after_its_create_worked_does_not_create_again(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    """An outage cut a new file's WRITEs after its CREATE had worked; the retry sent the
+    EXCLUSIVE CREATE again, whose verifier the server had lost with the WRITEs (it
+    keeps it in the times): our own file taken for another client's."""
+    fake = FakeNfs()
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        f, _ = await store.create(store.root, b"big", 0o644, ROOT, exclusive=True)
+        await store.write(f, 0, os.urandom(200_000), ROOT)
+        fake.inject("COMMIT", Fault.refuse(RpcTimeoutError("the link went away")))
+        await sync(store)
+        assert list(fake.tree()) == ["big"]
+        assert fake.applied["CREATE"] == 1 and stats(store).conflicts == 0

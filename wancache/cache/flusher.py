@@ -49,7 +49,7 @@ import trio
 from wancache.config import Config
 from wancache.creds import Cred
 from wancache.nfs_backend import nfs3
-from wancache.nfs_backend.client import NfsClient
+from wancache.nfs_backend.client import NfsClient, patient
 from wancache.nfs_backend.errors import (
     NfsError,
     ProtocolError,
@@ -478,8 +478,9 @@ class Flusher:
     async def _job(self, batch: list[Pending]) -> None:
         try:
             try:
-                outcome = await self._execute(batch)
-                await self._keep_times(batch)
+                with patient():     # no application waits on one call: slow is fine
+                    outcome = await self._execute(batch)
+                    await self._keep_times(batch)
             except BaseExceptionGroup as group:      # from the WRITEs in flight
                 raise _first_error(group) from None
         except Exception as exc:

@@ -12,8 +12,9 @@ other than NFS3_OK raises `NfsError` carrying the decoded result.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -115,6 +116,22 @@ async def lookup_port(host: str, program: int, version: int, *,
     return found
 
 
+_PATIENT: ContextVar[bool] = ContextVar("wancache_patient", default=False)
+
+
+@contextmanager
+def patient() -> Iterator[None]:
+    """Calls made in this context (and the tasks it starts) have no soft timeout: they
+    wait while the connection lives, however slow the link (background work such as
+    write-back: no application waits on one call).  They still fail at once while
+    the server is known to be unreachable."""
+    token = _PATIENT.set(True)
+    try:
+        yield
+    finally:
+        _PATIENT.reset(token)
+
+
 class NfsClient:
     """NFSv3 calls on the export mounted by `open_client()`."""
 
@@ -154,7 +171,7 @@ class NfsClient:
             proc is Proc.CREATE and args.mode is nfs3.CreateMode.EXCLUSIVE)
         sent = trio.current_time()
         body = await self.transport.call(proc, nfs3.encode_args(args), cred,
-                                         idempotent=idempotent)
+                                         idempotent=idempotent, patient=_PATIENT.get())
         res = nfs3.decode_res(proc, body)
         if self.attr_sinks:
             for fh, attrs, before in _attrs_in(args, res):

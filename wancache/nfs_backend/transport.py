@@ -501,10 +501,13 @@ class RpcTransport:
             return trio.SocketStream(sock)
         raise last or OSError(errno.EADDRINUSE, "no free source port")
 
-    async def _get_connection(self) -> _Connection:
+    async def _get_connection(self, *, patient: bool = False) -> _Connection:
         while True:
             if self._closed:
                 raise TransportClosedError(f"transport to {self.label} is closed")
+            if patient and self.options.timeout is not None and self.offline:
+                # a patient call outlives a slow link, not a lost server (soft mounts)
+                raise ServerUnreachableError(f"{self.label} is not reachable")
             live = [c for c in self._conns if not c.dead]
             if live:
                 return min(live, key=lambda c: len(c.pending))
@@ -524,8 +527,9 @@ class RpcTransport:
         return self._prefix + self._proc_names.get(proc, str(proc))
 
     async def call(self, proc: int, args: bytes, cred: Cred | None, *,
-                   idempotent: bool) -> memoryview:
-        """Make one call and return the reply's result bytes.
+                   idempotent: bool, patient: bool = False) -> memoryview:
+        """Make one call and return the reply's result bytes (`patient`: without the
+        soft timeout while connected; see client.patient).
 
         Raises RpcDeniedError/RpcAcceptError (server refused the call), ProtocolError,
         RpcTimeoutError/ServerUnreachableError (soft timeout), UnknownOutcomeError.
@@ -542,9 +546,10 @@ class RpcTransport:
         reply: bytes | None = None
         try:
             async with self._slots:
-                timeout = self.options.timeout
+                timeout = None if patient else self.options.timeout
                 with trio.move_on_after(math.inf if timeout is None else timeout):
-                    reply = await self._attempts(xid, record, name, idempotent, attempts)
+                    reply = await self._attempts(xid, record, name, idempotent, attempts,
+                                                 patient=patient)
             if reply is None:
                 raise self._timed_out(name, started, idempotent,
                                       bool(attempts) and attempts[-1].committed)
@@ -597,9 +602,9 @@ class RpcTransport:
         return RpcTimeoutError(f"no reply from {self.label} within {timeout:g}s")
 
     async def _attempts(self, xid: int, record: bytes, name: str, idempotent: bool,
-                        attempts: list[_Pending]) -> bytes:
+                        attempts: list[_Pending], *, patient: bool = False) -> bytes:
         while True:
-            conn = await self._get_connection()
+            conn = await self._get_connection(patient=patient)
             if attempts:
                 self.stats.retransmitted(name, len(record))
             try:
