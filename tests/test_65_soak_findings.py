@@ -9,8 +9,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-import pytest
-
 from bench.wanem import PROFILES, LinkProfile, WanEmulatorThread
 from tests.conftest import Export, MountFactory
 
