@@ -318,6 +318,8 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
                     await parts.writeback.drain()
                 if journal is not None:
                     await journal.close()
+                if store.data is not None:
+                    await store.data.settle()
                 if cfg.cache_dir is not None and cfg.cache:
                     await _save(store, cfg.cache_dir)
             workers.cancel_scope.cancel()

@@ -130,6 +130,8 @@ class DataCache:
         self._fetching = trio.CapacityLimiter(in_flight)
         self._ahead = trio.Semaphore(in_flight // 2)
         self._storing = 0
+        self._stored = trio.Event()        # set whenever nothing waits for the disk
+        self._stored.set()
         self._epochs = Epochs()
         self._purge_due = False
         self.stats = DataStats()
@@ -397,6 +399,8 @@ class DataCache:
             self.stats.store_skipped += 1
             return
         self._storing += len(data)
+        if self._stored.is_set():
+            self._stored = trio.Event()
         self._nursery.start_soon(self._store, file_key, version, idx, data,
                                  self._epochs.retain(ticket))
 
@@ -412,4 +416,12 @@ class DataCache:
             log.warning("storing a block of %s failed: %s", file_key, exc)
         finally:
             self._storing -= len(data)
+            if not self._storing:
+                self._stored.set()
             self._epochs.end(ticket)
+
+    async def settle(self, timeout: float = 10.0) -> None:
+        """Wait (a while) for fetched blocks still on their way to the disk cache, so
+        an unmount keeps what was read."""
+        with trio.move_on_after(timeout):
+            await self._stored.wait()

@@ -122,7 +122,8 @@ class Pending:
     deps: set[Pending] = field(default_factory=set)
     dependents: set[Pending] = field(default_factory=set)
     started: bool = False
-    urgent: bool = False
+    urgent: bool = False               # skips writeback_delay
+    waited: bool = False               # someone waits for it (runs even when paused)
     attempts: int = 0
     maybe_sent: bool = False           # an earlier attempt may have reached the server
     failed: str = ""
@@ -241,11 +242,11 @@ class _ReadyQueue:
         """Urgent changes (someone waits for them) skip writeback_delay."""
         self._requeue(lambda p: p.urgent and p.due > now, now)
 
-    def first_urgent(self) -> Pending | None:
+    def first_waited(self) -> Pending | None:
         """The queued change someone waits for that came first (a scan: for a paused
         flusher only)."""
-        urgent = [p for p in self._tokens if p.urgent and not p.started]
-        return min(urgent, key=lambda p: p.change.seq) if urgent else None
+        waited = [p for p in self._tokens if p.waited and not p.started]
+        return min(waited, key=lambda p: p.change.seq) if waited else None
 
     def head(self, now: float) -> tuple[Pending | None, float]:
         """The first due change still queued, and when the next falls due."""
@@ -362,13 +363,15 @@ class Flusher:
 
     # -- sync points ----------------------------------------------------------------------
 
-    def hurry(self, targets: Iterable[Pending]) -> None:
-        """Let these changes (and what they wait for) skip writeback_delay."""
+    def hurry(self, targets: Iterable[Pending], *, waited: bool = True) -> None:
+        """Let these changes (and what they wait for) skip writeback_delay; `waited`:
+        someone waits for them, so they go even while paused."""
         stack = list(targets)
         while stack:
             p = stack.pop()
-            if not p.urgent:
+            if not p.urgent or (waited and not p.waited):
                 p.urgent = True
+                p.waited = p.waited or waited
                 stack.extend(p.deps)
         self._ready.hurry(trio.current_time())
         self._wake()
@@ -457,7 +460,7 @@ class Flusher:
         only on each other are one batch."""
         now = trio.current_time()
         if self.paused:     # only what someone waits for
-            p, next_due = self._ready.first_urgent(), math.inf
+            p, next_due = self._ready.first_waited(), math.inf
         else:
             p, next_due = self._ready.head(now)
         if p is None:
@@ -470,7 +473,8 @@ class Flusher:
                     continue
                 if q.change.kind not in DATA or q.change.node is not c.node or \
                         q.change.cred != c.cred or q.deps - set(batch) or \
-                        (q.due > now and not q.urgent) or len(batch) >= BATCH_CHANGES:
+                        (q.due > now and not q.urgent) or len(batch) >= BATCH_CHANGES or \
+                        (self.paused and not q.waited):
                     break
                 batch.append(q)
         return batch, next_due

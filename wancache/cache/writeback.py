@@ -444,7 +444,7 @@ class WriteBack:
             ov = self.overlay.get(change.node)
             if ov is not None and ov.file is not None and \
                     sum(o.length for o in ov.file_ops if not o.is_truncate) > EAGER_BYTES:
-                self.flusher.hurry([p])
+                self.flusher.hurry([p], waited=False)
 
     def _change(self, op: Op, node: Node, **fields: Any) -> Change:
         return Change(op.seq, op.kind, op.cred, op.time_ns, node, **fields)

@@ -175,7 +175,7 @@ class Operations(pyfuse3.Operations):
         """An entry reply: counts one kernel lookup of `node`."""
         ino = self.inodes.remember(node)
         entry_ttl = self.store.entry_ttl(parent, name) if parent is not None else 0.0
-        return to_entry(ino, attrs, self.store.attr_ttl(node), entry_ttl)
+        return to_entry(ino, self._unlinked(node, attrs), self.store.attr_ttl(node), entry_ttl)
 
     def _check_name(self, name: bytes) -> None:
         if len(name) > self.store.name_max:
@@ -469,7 +469,7 @@ class Operations(pyfuse3.Operations):
                 if node is None or attrs is None:
                     node, attrs = await self.store.lookup(parent, e.name, od.cred)
                 ino = self.inodes.ino_of(node)
-                entry = to_entry(ino, attrs, self.store.attr_ttl(node),
+                entry = to_entry(ino, self._unlinked(node, attrs), self.store.attr_ttl(node),
                                  self.store.entry_ttl(parent, e.name))
                 if not pyfuse3.readdir_reply(token, e.name, entry, e.offset):
                     self.inodes.drop_unreferenced(node)
