@@ -504,7 +504,7 @@ class Executor:
         if kind in ("open", "read_file", "write_file") and self.oracle.special(op["path"]):
             self.notes[f"{kind}: skipped, a FIFO or device"] += 1
             return []
-        symlink_times = kind == "utime" and self.mount.kind(op["path"]) == "symlink"
+        symlink_times = kind == "utime" and self.mount.kind(op["path"]) == "link"
         got = self.mount.run(op)
         if symlink_times and got.err is None:
             # nfs-ganesha answers OK and keeps a symlink's old times (README: what the

@@ -348,6 +348,8 @@ class WriteBack:
             await trio.sleep(COMPLETE_EVERY)
             self._completing = trio.Event()
             seqs, self._to_complete = self._to_complete, []
+            if not seqs:
+                continue
             try:
                 await self.journal.complete(seqs)
             except Exception as exc:   # the changes are on the server; a replay is harmless
@@ -709,6 +711,11 @@ class WriteBack:
         self._complete([self._binds.pop(i) for i in idle])
         self._keep_bases(ops, bases)
         del known
+        # On disk before serving: a crash right after this remount must not replay
+        # (and report) what this replay settled again.
+        seqs, self._to_complete = self._to_complete, []
+        if seqs:
+            await self.journal.complete(seqs)
         if queued:
             log.info("replaying %d changes from the journal", queued)
         return queued
