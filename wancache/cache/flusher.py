@@ -783,12 +783,16 @@ class Flusher:
             res = await self.nodes.on(src, c.cred, lambda fh: self.client.rename(
                 fh, c.name, self._fh(dst), c.name2, c.cred))
         except NfsError as exc:
-            if exc.status == Nfsstat3.NFS3ERR_NOENT and await self._is(dst, c.name2, c.node,
-                                                                        c.cred):
-                self._h.dir_changed(src, nfs3.WccData(), c.name, removed=True)
-                self._h.dir_changed(dst, nfs3.WccData(), c.name2, added=c.node)
-                return     # a repeat: it had been renamed
-            raise
+            if exc.status != Nfsstat3.NFS3ERR_NOENT:
+                raise
+            there = await self._is(dst, c.name2, c.node, c.cred)
+            if not (there or p.maybe_sent or c.replayed):
+                raise
+            # A repeat: it had been renamed (and maybe renamed on, before a restart).
+            self._h.dir_changed(src, nfs3.WccData(), c.name, removed=True)
+            self._h.dir_changed(dst, nfs3.WccData(), c.name2, added=c.node if there else None,
+                                removed=not there)
+            return
         self._h.dir_changed(src, res.fromdir_wcc, c.name, removed=True)
         self._h.dir_changed(dst, res.todir_wcc, c.name2, removed=c.replaced is not None,
                             added=c.node)
