@@ -108,6 +108,7 @@ class Change:
     mode_after: int | None = None      # ... and its permission bits
     base: str = ""                     # content version the change applies to
     replayed: bool = False             # from before a restart: maybe on the server
+    local_refs: tuple[int, ...] = ()   # local ids its record names (kept until done)
 
 
 @dataclass(eq=False)

@@ -449,7 +449,8 @@ class WriteBack:
                 self.flusher.hurry([p], waited=False)
 
     def _change(self, op: Op, node: Node, **fields: Any) -> Change:
-        return Change(op.seq, op.kind, op.cred, op.time_ns, node, **fields)
+        return Change(op.seq, op.kind, op.cred, op.time_ns, node,
+                      local_refs=tuple(op.local_ids()), **fields)
 
     def _apply_create(self, op: Op, now: NfsTime) -> Change:
         parent = self._node(op.parent)
@@ -618,15 +619,11 @@ class WriteBack:
                         self.settled(ov.node, ov.attrs)
         seqs = [c.seq for c in changes]
         for c in changes:
-            self._release_ids(self._local_ids(c))
+            # exactly the ids its record named: a node bound since keeps its local id,
+            # and records made after the BIND name it by handle
+            self._release_ids(list(c.local_refs))
         self._complete(seqs)
         self._room.set()
-
-    @staticmethod
-    def _local_ids(c: Change) -> list[int]:
-        ids = [n.local_id for n in (c.node, c.parent, c.parent2, c.replaced)
-               if n is not None and n.local_id is not None]
-        return [i for i in ids if i is not None]
 
     async def _lost(self, changes: list[Change], why: str) -> None:
         """The server refuses these for good: save what users wrote in lost+found,
