@@ -53,7 +53,7 @@ import os
 import socket
 import struct
 import termios
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -71,11 +71,13 @@ from .errors import (
 from .rpc import (
     AUTH_NONE_CRED,
     AuthSys,
+    Buffer,
     OpaqueAuth,
     RecordReader,
     auth_sys_cred,
     decode_reply,
     encode_call,
+    frame_call,
     frame_record,
     peek_xid,
 )
@@ -526,7 +528,7 @@ class RpcTransport:
         """The counter name of procedure number `proc`, e.g. "nfs3.READ"."""
         return self._prefix + self._proc_names.get(proc, str(proc))
 
-    async def call(self, proc: int, args: bytes, cred: Cred | None, *,
+    async def call(self, proc: int, args: Buffer | Sequence[Buffer], cred: Cred | None, *,
                    idempotent: bool, patient: bool = False) -> memoryview:
         """Make one call and return the reply's result bytes (`patient`: without the
         soft timeout while connected; see client.patient).
@@ -538,8 +540,8 @@ class RpcTransport:
         if self.options.timeout is not None and self.offline:
             await self._wait_online()
         xid = self.next_xid()
-        record = frame_record(encode_call(xid, self.program, self.version, proc,
-                                          _opaque_auth(cred), args))
+        record = frame_call(xid, self.program, self.version, proc, _opaque_auth(cred), args)
+        del args        # the record holds the bytes now: RAM for one copy, not two
         self.stats.started(name, len(record))
         started = trio.current_time()
         attempts: list[_Pending] = []
