@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,20 @@ from wancache import malloc
 from wancache.cache import flusher
 from wancache.cache.budget import ByteBudget
 from wancache.nfs_backend import nfs3
+from wancache.nfs_backend import transport as transport_mod
 from wancache.nfs_backend.rpc import (
     AUTH_NONE_CRED,
     AuthSys,
+    RecordReader,
     auth_sys_cred,
+    decode_call,
     encode_call,
+    encode_reply_success,
     frame_call,
+    frame_call_parts,
     frame_record,
 )
+from wancache.nfs_backend.transport import RpcTransport, TransportOptions
 
 MiB = 1 << 20
 
@@ -121,15 +129,18 @@ async def test_flusher_keeps_write_data_in_flight_within_its_budget(
 
 # -- copies of a WRITE's data on its way to the socket -----------------------------------
 
-def test_write_args_parts_hold_the_data_itself_and_frame_to_the_same_record() -> None:
+def test_a_write_record_holds_the_data_itself_and_frames_to_the_same_bytes() -> None:
     data = bytes(range(256)) * 4096 + b"xyz"      # 1 MiB + 3: padded
     args = nfs3.WriteArgs(b"\x01" * 32, 1 << 40, len(data), nfs3.StableHow.UNSTABLE, data)
     parts = nfs3.encode_args_parts(args)
     assert any(part is data for part in parts)    # not a copy
     assert b"".join(parts) == nfs3.encode_args(args)
     cred = auth_sys_cred(AuthSys(1, b"host", 1000, 1000, (1000, 4)))
-    assert frame_call(7, 100003, 3, 7, cred, parts) == \
-        frame_record(encode_call(7, 100003, 3, 7, cred, nfs3.encode_args(args)))
+    record = frame_record(encode_call(7, 100003, 3, 7, cred, nfs3.encode_args(args)))
+    assert frame_call(7, 100003, 3, 7, cred, parts) == record
+    framed = frame_call_parts(7, 100003, 3, 7, cred, parts)
+    assert b"".join(framed) == record and any(part is data for part in framed)
+    assert len(framed) == 3                 # head, the data, its padding
     small = nfs3.GetattrArgs(b"\x02" * 8)
     assert nfs3.encode_args_parts(small) == [nfs3.encode_args(small)]
     assert frame_call(8, 100003, 3, 1, AUTH_NONE_CRED, nfs3.encode_args(small)) == \
@@ -144,3 +155,42 @@ def test_write_args_parts_hold_the_data_itself_and_frame_to_the_same_record() ->
 def test_malloc_tune_sets_the_mmap_threshold() -> None:
     # (On glibc mallopt returns 1; a fixed threshold also ends its dynamic raising.)
     assert malloc.tune() is True
+
+
+async def test_calls_sent_in_parts_arrive_whole_and_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer sends records' parts with sendmsg (no joined copy): partial sends
+    across parts and records, and more parts than one sendmsg takes, arrive intact."""
+    monkeypatch.setattr(transport_mod, "SEND_PARTS", 3)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        reader = RecordReader()
+        while data := await stream.receive_some(65536):
+            for record in reader.feed(data):
+                header, args = decode_call(record)
+                digest = hashlib.sha256(args).digest()
+                await stream.send_all(frame_record(encode_reply_success(header.xid, digest)))
+
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    port = sock.getsockname()[1]
+    calls = [[b"head" * 3, bytes([i]) * (i * 300_001 % (3 * MiB) // 4 * 4), b"tail"]
+             for i in range(12)] + [[b"x" * 8] for _ in range(20)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(sock)])
+        t = RpcTransport("127.0.0.1", port, 400123, 1, options=TransportOptions())
+        await nursery.start(t.run)
+        got: dict[int, bytes] = {}
+
+        async def call(i: int) -> None:
+            got[i] = bytes(await t.call(1, calls[i], None, idempotent=True))
+
+        async with trio.open_nursery() as callers:
+            for i in range(len(calls)):
+                callers.start_soon(call, i)
+        t.close()
+        nursery.cancel_scope.cancel()
+    assert got == {i: hashlib.sha256(b"".join(parts)).digest()
+                   for i, parts in enumerate(calls)}
