@@ -19,7 +19,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from wancache import metrics
+from wancache import malloc, metrics
 from wancache.cache.attrs import AttrCache
 from wancache.cache.blocks import BlockStore, BlockStoreError
 from wancache.cache.data import DataCache
@@ -261,6 +261,7 @@ async def _stop_on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS
 async def serve(cfg: Config, ready: Callable[[], None] | None = None) -> None:
     """Mount `cfg` and serve it until unmounted or signalled."""
     check_mountpoint(cfg.mountpoint)
+    malloc.tune()           # big buffers go back to the system when freed (issue 14)
     # Nothing below may touch the mount point's path once it is mounted: the
     # kernel would ask this very process, which is busy asking: a deadlock.
     control_path = socket_path(cfg.mountpoint)

@@ -59,6 +59,7 @@ from wancache.nfs_backend.errors import (
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3, StableHow
 
 from .attrs import content_version, content_version_of
+from .budget import ByteBudget
 from .node import Node
 from .nodes import STALE, NodeTable
 from .overlay import Extent, FileOp, FileOverlay
@@ -69,6 +70,8 @@ JOBS = 64                   # flush jobs in flight
 FOREGROUND_JOBS = 4         # ... while applications keep changing files here
 FOREGROUND_WINDOW = 0.25    # seconds after a local change that count as busy
 WRITES_PER_FILE = 16        # WRITEs in flight for one file
+WRITE_BYTES = 16 << 20      # data of the WRITEs in flight, all files together (RAM:
+                            # each byte is held twice, the data and its RPC record)
 SMALL_WRITE = 64 << 10      # a batch of one WRITE up to this size is FILE_SYNC
 BATCH_CHANGES = 4096        # changes in one batch at most
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -169,6 +172,8 @@ class FlushStats:
     retries: int = 0
     resent_after_reboot: int = 0
     server_down: bool = False
+    write_bytes_in_flight: int = 0      # WRITE data read from the journal, not yet acked
+    max_write_bytes_in_flight: int = 0  # ... the most at once (at most WRITE_BYTES)
 
 
 def verifier(local_id: int) -> bytes:
@@ -276,6 +281,7 @@ class Flusher:
         self.base_version: Callable[[Node], str | None] = lambda node: None
         self.also_ours: Callable[[Node], set[str]] = lambda node: set()
         self.stats = FlushStats()
+        self._write_budget = ByteBudget(WRITE_BYTES)
         self.last_local_change = -math.inf       # trio time of the last change submitted
         self._pending: dict[int, Pending] = {}
         self._by_node: dict[Node, list[Pending]] = {}
@@ -960,20 +966,35 @@ class Flusher:
     async def _write_run(self, node: Node, run: list[Extent], cred: Cred,
                          stable: StableHow) -> list[bytes]:
         """WRITE one run of adjacent extents (the rest again after a short WRITE);
-        the write verifiers of UNSTABLE replies."""
+        the write verifiers of UNSTABLE replies.  Its bytes are read from the journal
+        only once they fit in the WRITE budget, and held until the WRITE is answered."""
+        try:
+            async with self._write_budget.take(sum(e.length for e in run)):
+                self._note_in_flight()
+                return await self._write_held_run(node, run, cred, stable)
+        finally:
+            self._note_in_flight()
+
+    def _note_in_flight(self) -> None:
+        self.stats.write_bytes_in_flight = self._write_budget.in_use
+        self.stats.max_write_bytes_in_flight = self._write_budget.peak
+
+    async def _write_held_run(self, node: Node, run: list[Extent], cred: Cred,
+                              stable: StableHow) -> list[bytes]:
         parts = [await self._h.read_data(e.seq, e.skip, e.length) for e in run]
-        data = memoryview(b"".join(parts))
+        data = b"".join(parts)          # (one part: the same object, not a copy)
+        del parts
         offset = run[0].start
         verfs: list[bytes] = []
         while data:
             res = await self.nodes.on(node, cred, functools.partial(
-                self.client.write, offset=offset, data=bytes(data), cred=cred, stable=stable))
+                self.client.write, offset=offset, data=data, cred=cred, stable=stable))
             if res.count <= 0 or res.count > len(data):
                 raise NfsError(Nfsstat3.NFS3ERR_IO, f"WRITE wrote {res.count} bytes")
             if res.committed == StableHow.UNSTABLE:
                 verfs.append(res.verf)
             offset += res.count
-            data = data[res.count:]
+            data = data[res.count:]     # (a copy only after a short WRITE)
         return verfs
 
     # -- conflicts ----------------------------------------------------------------------
@@ -1017,19 +1038,18 @@ class Flusher:
         assert fh is not None
         wsize = self.client.info.wsize
         for start in range(0, attrs.size, wsize):
-            data = await self._h.read_ours(node, start, min(wsize, attrs.size - start))
-            await self._write_all(fh, start, data, cred)
+            n = min(wsize, attrs.size - start)
+            async with self._write_budget.take(n):
+                await self._write_all(fh, start, await self._h.read_ours(node, start, n), cred)
         return Outcome(conflict=True)
 
     async def _write_all(self, fh: bytes, offset: int, data: bytes, cred: Cred) -> None:
         """FILE_SYNC WRITEs of `data` at `offset`, again from where a short one ended."""
-        view = memoryview(data)
-        while view:
-            res = await self.client.write(fh, offset, bytes(view), cred,
-                                          stable=StableHow.FILE_SYNC)
-            if res.count <= 0 or res.count > len(view):
+        while data:
+            res = await self.client.write(fh, offset, data, cred, stable=StableHow.FILE_SYNC)
+            if res.count <= 0 or res.count > len(data):
                 raise NfsError(Nfsstat3.NFS3ERR_IO, f"WRITE wrote {res.count} bytes")
-            offset, view = offset + res.count, view[res.count:]
+            offset, data = offset + res.count, data[res.count:]
 
 
 def verdict_of(exc: Exception, attempts: int) -> str:

@@ -170,7 +170,7 @@ class NfsClient:
         idempotent = proc in nfs3.IDEMPOTENT or (
             proc is Proc.CREATE and args.mode is nfs3.CreateMode.EXCLUSIVE)
         sent = trio.current_time()
-        body = await self.transport.call(proc, nfs3.encode_args(args), cred,
+        body = await self.transport.call(proc, nfs3.encode_args_parts(args), cred,
                                          idempotent=idempotent, patient=_PATIENT.get())
         res = nfs3.decode_res(proc, body)
         if self.attr_sinks:

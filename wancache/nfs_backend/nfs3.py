@@ -23,7 +23,7 @@ from enum import IntEnum
 from typing import Any
 
 from .errors import NfsError, Nfsstat3, XdrError
-from .xdr import Packer, Unpacker
+from .xdr import _PAD, Packer, Unpacker
 
 PROGRAM = 100003
 VERSION = 3
@@ -1196,6 +1196,20 @@ def encode_args(args: object) -> bytes:
         for name, pk, _ in spec.fields:
             pk(p, getattr(args, name))
     return p.get_buffer()
+
+
+def encode_args_parts(args: object) -> list[bytes]:
+    """`encode_args` as parts to send in order (their concatenation): a WRITE's data
+    is one of them, not copied (rpc.frame_call copies it once, into the record)."""
+    if type(args) is not WriteArgs:
+        return [encode_args(args)]
+    p = Packer()
+    _p_fh(p, args.file)
+    p.pack_uhyper(args.offset)
+    p.pack_uint(args.count)
+    _p_stable(p, args.stable)
+    p.pack_uint(len(args.data))
+    return [p.get_buffer(), args.data, _PAD[len(args.data) & 3]]
 
 
 def decode_args(proc: int, data: bytes | bytearray | memoryview) -> Any:

@@ -11,6 +11,7 @@ Everything here works on bytes; sockets and timers live elsewhere.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -184,6 +185,66 @@ def encode_call(
     _pack_auth(p, verf)
     p.pack_raw(args)
     return p.get_buffer()
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def frame_call(
+    xid: int,
+    prog: int,
+    vers: int,
+    proc: int,
+    cred: OpaqueAuth,
+    args: Buffer | Sequence[Buffer],
+    verf: OpaqueAuth = AUTH_NONE_CRED,
+) -> bytes:
+    """``frame_record(encode_call(...))`` in one step: the record-marked CALL, with
+    the bytes of ``args`` (encoded arguments, or their parts in order) copied once.
+
+    A WRITE's data is its arguments' bulk: the transport sends the parts of
+    `frame_call_parts` without copying it at all, so a call in flight holds no
+    more RAM than its data, which its caller holds anyway (issue 14).
+    """
+    return b"".join(frame_call_parts(xid, prog, vers, proc, cred, args, verf))
+
+
+BIG_PART = 64 << 10     # frame_call_parts: a part this big is passed on, not copied
+
+
+def frame_call_parts(
+    xid: int,
+    prog: int,
+    vers: int,
+    proc: int,
+    cred: OpaqueAuth,
+    args: Buffer | Sequence[Buffer],
+    verf: OpaqueAuth = AUTH_NONE_CRED,
+) -> list[Buffer]:
+    """`frame_call` as parts to send in order: the parts of ``args`` of at least
+    BIG_PART bytes (a WRITE's data) are among them, not copied; the rest is joined."""
+    p = Packer()
+    p.pack_struct(_CALL_HEAD, xid, MsgType.CALL, RPC_VERSION, prog, vers, proc)
+    _pack_auth(p, cred)
+    _pack_auth(p, verf)
+    parts: Sequence[Buffer] = (args,) if isinstance(args, bytes | bytearray | memoryview) \
+        else args
+    n = len(p) + sum(len(part) for part in parts)
+    if n & 3:
+        raise ValueError("raw XDR data must be a multiple of 4 bytes")
+    if n > MAX_FRAGMENT:
+        return [frame_record(b"".join((p.get_buffer(), *parts)))]
+    out: list[Buffer] = []
+    small: list[Buffer] = [_U32.pack(_LAST_FRAGMENT | n), p.get_buffer()]
+    for part in parts:
+        if len(part) >= BIG_PART:
+            out += (b"".join(small), part)
+            small = []
+        else:
+            small.append(part)
+    if small:
+        out.append(b"".join(small))
+    return out
 
 
 def decode_call(msg: bytes | bytearray | memoryview) -> tuple[CallHeader, memoryview]:

@@ -53,7 +53,8 @@ import os
 import socket
 import struct
 import termios
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -71,11 +72,13 @@ from .errors import (
 from .rpc import (
     AUTH_NONE_CRED,
     AuthSys,
+    Buffer,
     OpaqueAuth,
     RecordReader,
     auth_sys_cred,
     decode_reply,
     encode_call,
+    frame_call_parts,
     frame_record,
     peek_xid,
 )
@@ -86,7 +89,8 @@ __all__ = ["Cred", "RpcTransport", "TransportOptions"]
 log = logging.getLogger(__name__)
 
 RESERVED_PORTS = range(1023, 664, -1)
-MAX_BATCH = 512 * 1024  # bytes the writer joins into one send
+MAX_BATCH = 512 * 1024  # bytes the writer takes into one send
+SEND_PARTS = 256        # buffers in one sendmsg at most (Linux allows 1024)
 KICK_SPACING = 0.5      # seconds between reconnect attempts asked for by waiting calls
 
 
@@ -126,7 +130,8 @@ class _Pending:
     """One attempt of one call on one connection."""
 
     xid: int
-    record: bytes
+    record: tuple[Buffer, ...]           # the framed call, in parts sent in order
+    size: int                            # ... its length
     event: trio.Event = field(default_factory=trio.Event)
     reply: bytes | None = None
     error: ProtocolError | None = None   # a reply came but cannot be taken
@@ -181,11 +186,14 @@ class _Connection:
         finally:
             self.kill()
 
-    def submit(self, xid: int, record: bytes) -> _Pending:
-        """Queue a framed call record for sending and register for its reply."""
+    def submit(self, xid: int, record: Buffer | Sequence[Buffer]) -> _Pending:
+        """Queue a framed call record (or its parts, in order) for sending and
+        register for its reply."""
         if self.dead:
             raise _ConnectionLost(sent=False)
-        p = _Pending(xid, record)
+        parts = (record,) if isinstance(record, bytes | bytearray | memoryview) \
+            else tuple(record)
+        p = _Pending(xid, parts, sum(len(part) for part in parts))
         self.pending[xid] = p
         self._send.send_nowait(p)
         return p
@@ -246,14 +254,14 @@ class _Connection:
     async def _writer(self) -> None:
         async for first in self._queue:
             batch = [first]
-            size = len(first.record)
+            size = first.size
             while size < MAX_BATCH:
                 try:
                     p = self._queue.receive_nowait()
                 except trio.WouldBlock:
                     break
                 batch.append(p)
-                size += len(p.record)
+                size += p.size
             batch = [p for p in batch if not p.abandoned]
             if batch:
                 await self._write(batch)
@@ -263,13 +271,20 @@ class _Connection:
         kernel (a call written only in part when the connection fails cannot run)."""
         for p in batch:
             p.committed = True
-        data = memoryview(b"".join(p.record for p in batch))
-        ends = list(itertools.accumulate(len(p.record) for p in batch))
+        # The parts as they are (a WRITE's data is not copied into one buffer).
+        bufs = deque(memoryview(part) for p in batch for part in p.record if part)
+        ends = list(itertools.accumulate(p.size for p in batch))
         sock = self.stream.socket
         done = i = 0
-        while done < len(data):
-            n = await sock.send(data[done:])
+        while bufs:
+            n = await sock.sendmsg(list(itertools.islice(bufs, SEND_PARTS)))
             done += n
+            left = n
+            while left:
+                if len(bufs[0]) <= left:
+                    left -= len(bufs.popleft())
+                else:
+                    bufs[0], left = bufs[0][left:], 0
             self._written += n
             while i < len(batch) and ends[i] <= done:
                 batch[i].sent = True
@@ -526,7 +541,7 @@ class RpcTransport:
         """The counter name of procedure number `proc`, e.g. "nfs3.READ"."""
         return self._prefix + self._proc_names.get(proc, str(proc))
 
-    async def call(self, proc: int, args: bytes, cred: Cred | None, *,
+    async def call(self, proc: int, args: Buffer | Sequence[Buffer], cred: Cred | None, *,
                    idempotent: bool, patient: bool = False) -> memoryview:
         """Make one call and return the reply's result bytes (`patient`: without the
         soft timeout while connected; see client.patient).
@@ -538,9 +553,11 @@ class RpcTransport:
         if self.options.timeout is not None and self.offline:
             await self._wait_online()
         xid = self.next_xid()
-        record = frame_record(encode_call(xid, self.program, self.version, proc,
-                                          _opaque_auth(cred), args))
-        self.stats.started(name, len(record))
+        record = frame_call_parts(xid, self.program, self.version, proc, _opaque_auth(cred),
+                                  args)
+        del args        # (the record's parts hold what it needs)
+        size = sum(len(part) for part in record)
+        self.stats.started(name, size)
         started = trio.current_time()
         attempts: list[_Pending] = []
         reply: bytes | None = None
@@ -560,7 +577,7 @@ class RpcTransport:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("rpc %s xid=%08x %s in %.1f ms (%d bytes out, %d in)", name, xid,
                           "ok" if reply else "failed", (trio.current_time() - started) * 1e3,
-                          len(record), len(reply or b""))
+                          size, len(reply or b""))
 
     async def _wait_online(self) -> None:
         """Soft mount, server known unreachable: wait `offline_wait` at most, asking
@@ -601,12 +618,12 @@ class RpcTransport:
                 f"server {self.label} unreachable for {timeout:g}s{why}")
         return RpcTimeoutError(f"no reply from {self.label} within {timeout:g}s")
 
-    async def _attempts(self, xid: int, record: bytes, name: str, idempotent: bool,
+    async def _attempts(self, xid: int, record: list[Buffer], name: str, idempotent: bool,
                         attempts: list[_Pending], *, patient: bool = False) -> bytes:
         while True:
             conn = await self._get_connection(patient=patient)
             if attempts:
-                self.stats.retransmitted(name, len(record))
+                self.stats.retransmitted(name, sum(len(part) for part in record))
             try:
                 p = conn.submit(xid, record)
                 attempts.append(p)

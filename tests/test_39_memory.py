@@ -1,0 +1,196 @@
+"""RAM bounded by design (issue 14), piece by piece: the byte budget, the WRITE data
+the flusher holds in flight, the copies an RPC call makes of a WRITE's data, and the
+C allocator's threshold.  test_63_bounds measures the whole daemon on a mount."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from tests.fakes import FakeNfs
+from tests.test_34_writeback import ROOT, stack, stats, sync, wb
+from wancache import malloc
+from wancache.cache import flusher
+from wancache.cache.budget import ByteBudget
+from wancache.nfs_backend import nfs3
+from wancache.nfs_backend import transport as transport_mod
+from wancache.nfs_backend.rpc import (
+    AUTH_NONE_CRED,
+    AuthSys,
+    RecordReader,
+    auth_sys_cred,
+    decode_call,
+    encode_call,
+    encode_reply_success,
+    frame_call,
+    frame_call_parts,
+    frame_record,
+)
+from wancache.nfs_backend.transport import RpcTransport, TransportOptions
+
+MiB = 1 << 20
+
+
+# -- ByteBudget --------------------------------------------------------------------------
+
+async def test_budget_hands_out_at_most_its_limit_first_come_first_served() -> None:
+    budget = ByteBudget(10)
+    order: list[str] = []
+
+    async def holder(name: str, n: int, release: trio.Event) -> None:
+        async with budget.take(n):
+            order.append(name)
+            assert budget.in_use <= budget.limit
+            await release.wait()
+
+    go = {name: trio.Event() for name in "abcd"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(holder, "a", 6, go["a"])
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(holder, "b", 6, go["b"])      # must wait for a
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(holder, "c", 2, go["c"])      # fits, but b came first
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a"] and budget.in_use == 6 and budget.waiting == 2
+        go["a"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(order) == ["a", "b", "c"] and budget.in_use == 8   # both granted
+        nursery.start_soon(holder, "d", 50, go["d"])     # bigger than all: cut to 10
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(order) == 3
+        go["b"].set()
+        go["c"].set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert order[3] == "d" and budget.in_use == 10
+        go["d"].set()
+    assert budget.in_use == 0 and budget.peak == 10
+
+
+async def test_budget_cancelled_waiter_gives_way_and_takes_nothing() -> None:
+    budget = ByteBudget(10)
+    async with budget.take(8):
+        with trio.move_on_after(0.01):
+            async with budget.take(5):
+                raise AssertionError("cannot fit")
+        assert budget.waiting == 0 and budget.in_use == 8
+        async with budget.take(2):
+            assert budget.in_use == 10
+    assert budget.in_use == 0
+
+
+def test_budget_needs_a_positive_limit() -> None:
+    with pytest.raises(ValueError):
+        ByteBudget(0)
+
+
+# -- the flusher's WRITEs in flight ------------------------------------------------------
+
+async def test_flusher_keeps_write_data_in_flight_within_its_budget(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 14: up to 64 files x 16 WRITEs of wsize each were in flight at once (the
+    daemon held ~4 copies of each); now their data stays within WRITE_BYTES."""
+    monkeypatch.setattr(flusher, "WRITE_BYTES", 2 * MiB)
+    fake = FakeNfs(latency=0.02)             # wsize 1 MiB
+    in_flight = peak = 0
+    write = fake.write
+
+    async def counting_write(fh: bytes, offset: int, data: bytes, *args: object,
+                             **kw: object) -> nfs3.WriteRes:
+        nonlocal in_flight, peak
+        in_flight += len(data)
+        peak = max(peak, in_flight)
+        try:
+            return await write(fh, offset, data, *args, **kw)  # type: ignore[arg-type]
+        finally:
+            in_flight -= len(data)
+
+    fake.write = counting_write  # type: ignore[method-assign]
+    chunk = bytes(range(256)) * 1024          # 256 KiB
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        for i in range(16):
+            f, _ = await store.create(store.root, b"f%d" % i, 0o644, ROOT, exclusive=True)
+            for off in range(0, 2 * MiB, len(chunk)):
+                await store.write(f, off, chunk, ROOT)
+        await sync(store)
+        st = stats(store)
+        assert st.write_bytes_in_flight == 0
+        assert wb(store).flusher._write_budget.in_use == 0
+    assert fake.tree() == {f"f{i}": chunk * 8 for i in range(16)}
+    assert MiB < peak <= 2 * MiB, peak       # more than one WRITE at once, never more
+    assert st.max_write_bytes_in_flight == peak
+
+
+# -- copies of a WRITE's data on its way to the socket -----------------------------------
+
+def test_a_write_record_holds_the_data_itself_and_frames_to_the_same_bytes() -> None:
+    data = bytes(range(256)) * 4096 + b"xyz"      # 1 MiB + 3: padded
+    args = nfs3.WriteArgs(b"\x01" * 32, 1 << 40, len(data), nfs3.StableHow.UNSTABLE, data)
+    parts = nfs3.encode_args_parts(args)
+    assert any(part is data for part in parts)    # not a copy
+    assert b"".join(parts) == nfs3.encode_args(args)
+    cred = auth_sys_cred(AuthSys(1, b"host", 1000, 1000, (1000, 4)))
+    record = frame_record(encode_call(7, 100003, 3, 7, cred, nfs3.encode_args(args)))
+    assert frame_call(7, 100003, 3, 7, cred, parts) == record
+    framed = frame_call_parts(7, 100003, 3, 7, cred, parts)
+    assert b"".join(framed) == record and any(part is data for part in framed)
+    assert len(framed) == 3                 # head, the data, its padding
+    small = nfs3.GetattrArgs(b"\x02" * 8)
+    assert nfs3.encode_args_parts(small) == [nfs3.encode_args(small)]
+    assert frame_call(8, 100003, 3, 1, AUTH_NONE_CRED, nfs3.encode_args(small)) == \
+        frame_record(encode_call(8, 100003, 3, 1, AUTH_NONE_CRED, nfs3.encode_args(small)))
+    with pytest.raises(ValueError):
+        frame_call(9, 1, 2, 3, AUTH_NONE_CRED, b"abc")
+
+
+# -- the C allocator ---------------------------------------------------------------------
+
+@pytest.mark.skipif(ctypes.util.find_library("c") is None, reason="no C library")
+def test_malloc_tune_sets_the_mmap_threshold() -> None:
+    # (On glibc mallopt returns 1; a fixed threshold also ends its dynamic raising.)
+    assert malloc.tune() is True
+
+
+async def test_calls_sent_in_parts_arrive_whole_and_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The writer sends records' parts with sendmsg (no joined copy): partial sends
+    across parts and records, and more parts than one sendmsg takes, arrive intact."""
+    monkeypatch.setattr(transport_mod, "SEND_PARTS", 3)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        reader = RecordReader()
+        while data := await stream.receive_some(65536):
+            for record in reader.feed(data):
+                header, args = decode_call(record)
+                digest = hashlib.sha256(args).digest()
+                await stream.send_all(frame_record(encode_reply_success(header.xid, digest)))
+
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    await sock.bind(("127.0.0.1", 0))
+    sock.listen(4)
+    port = sock.getsockname()[1]
+    calls = [[b"head" * 3, bytes([i]) * (i * 300_001 % (3 * MiB) // 4 * 4), b"tail"]
+             for i in range(12)] + [[b"x" * 8] for _ in range(20)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, serve, [trio.SocketListener(sock)])
+        t = RpcTransport("127.0.0.1", port, 400123, 1, options=TransportOptions())
+        await nursery.start(t.run)
+        got: dict[int, bytes] = {}
+
+        async def call(i: int) -> None:
+            got[i] = bytes(await t.call(1, calls[i], None, idempotent=True))
+
+        async with trio.open_nursery() as callers:
+            for i in range(len(calls)):
+                callers.start_soon(call, i)
+        t.close()
+        nursery.cancel_scope.cancel()
+    assert got == {i: hashlib.sha256(b"".join(parts)).digest()
+                   for i, parts in enumerate(calls)}
