@@ -138,6 +138,13 @@ class Harness:
     def remount(self) -> str | None:
         """Start the killed daemon again with the same cache_dir (and log); if it does
         not come back, mount on a fresh cache_dir (so the test can go on) and say why."""
+        keep = os.environ.get("WANCACHE_MODEL_KEEP_JOURNALS")
+        if keep:      # debugging: the journal each remount replays
+            import shutil
+            self.mounts_kept = getattr(self, "mounts_kept", 0) + 1
+            cache = next(o[len("cache_dir="):] for o in self.mount.options
+                         if o.startswith("cache_dir="))
+            shutil.copytree(Path(cache) / "journal", Path(keep) / str(self.mounts_kept))
         try:
             self.mount.start()
             return None

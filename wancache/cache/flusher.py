@@ -769,6 +769,9 @@ class Flusher:
         c = p.change
         assert c.parent is not None
         call = self.client.remove if c.kind == "remove" else self.client.rmdir
+        if await self._done_before(p, c.parent, c.name):
+            self._h.dir_changed(c.parent, nfs3.WccData(), c.name, removed=True)
+            return
         try:
             res = await self.nodes.on(c.parent, c.cred, lambda fh: call(fh, c.name, c.cred))
         except NfsError as exc:
@@ -786,6 +789,12 @@ class Flusher:
         c = p.change
         src, dst = c.parent, c.parent2
         assert src is not None and dst is not None
+        if await self._done_before(p, src, c.name):
+            there = await self._is(dst, c.name2, c.node, c.cred)
+            self._h.dir_changed(src, nfs3.WccData(), c.name, removed=True)
+            self._h.dir_changed(dst, nfs3.WccData(), c.name2, added=c.node if there else None,
+                                removed=not there)
+            return
         try:
             res = await self.nodes.on(src, c.cred, lambda fh: self.client.rename(
                 fh, c.name, self._fh(dst), c.name2, c.cred))
@@ -821,6 +830,18 @@ class Flusher:
         self._h.dir_changed(parent, res.linkdir_wcc, c.name, added=c.node,
                             added_attrs=res.file_attributes)
         self._h.file_changed(c.node, res.file_attributes, sent)    # nlink, ctime
+
+    async def _done_before(self, p: Pending, parent: Node, name: bytes) -> bool:
+        """A REMOVE or RENAME that may have reached the server already (replayed after a
+        restart, or sent before a lost reply) must not hit whatever took `name` since
+        (a file created there later): True if `name` no longer names its node."""
+        c = p.change
+        if not (p.maybe_sent or c.replayed) or c.node.is_local or parent.is_local:
+            return False
+        look = await self._lookup(parent, name, c.cred)
+        if look is None:
+            return True
+        return look.obj_attributes is not None and look.obj_attributes.fileid != c.node.fileid
 
     async def _is(self, parent: Node, name: bytes, node: Node, cred: Cred) -> bool:
         look = await self._lookup(parent, name, cred)
