@@ -9,8 +9,11 @@ import sysconfig
 import time
 from pathlib import Path
 
+import pytest
+
 from bench.wanem import PROFILES, LinkProfile, WanEmulatorThread
-from tests.conftest import Export, MountFactory
+from bench.wcmount import WancacheMount
+from tests.conftest import Export, MountFactory, wait_until
 
 
 def _lost_found(cache: Path) -> list[str]:
@@ -94,3 +97,52 @@ def test_tar_c_right_after_tar_x(export: Export, mount_factory: MountFactory,
                               check=False)
         assert done.returncode == 0, done.stderr
         m.flush()
+
+
+
+def _retries(m: WancacheMount) -> int:
+    return int(m.request("stats")["writeback"]["retries"])
+
+
+@pytest.mark.parametrize("fault", ["outage", "kill"])
+def test_a_file_whose_create_may_have_reached_the_server_is_removed_there(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None,
+        fault: str) -> None:
+    """The soak's dbench area kept directories the mount had removed ("extra: r1;
+    r1/clients; r1/clients/client0 ...").  A CREATE reaches the server but its reply
+    does not come back: the link goes down (its outcome is unknown: it is tried
+    again later), or the daemon is killed (the CREATE is replayed).  The file is
+    then removed here: the flusher took it for a temporary file that never reached
+    the server and dropped its CREATE and its REMOVE, so the server kept the file;
+    the RMDIR of its directory then met NOTEMPTY there, which the flusher takes for
+    another client's files (a WARNING only): the directory stayed too.
+
+    mkdir(d); flush; replies held 60 s; write_bytes(d/f); wait until the server has
+    d/f; outage (wait for the retry) or kill -9 and remount (writeback_delay 60 s);
+    unlink(d/f); rmdir(d); link back; flush."""
+    with WanEmulatorThread(("127.0.0.1", export.server.nfs_port),
+                           LinkProfile(rtt_ms=2)) as wan:
+        m = mount_factory(["writeback_delay=0"], nfs_port=wan.port, name="e")
+        d = m.mountpoint / "d"
+        d.mkdir()
+        m.flush()
+        wan.set_link(up_delay_ms=1, down_delay_ms=60_000)   # replies are held
+        (d / "f").write_bytes(b"x")
+        assert wait_until((export.raw_path / "d" / "f").exists, timeout=30)
+        if fault == "outage":
+            wan.stop()              # the CREATE's reply is lost: its outcome is unknown
+            assert wait_until(lambda: _retries(m) > 0, timeout=30)
+        else:
+            m.kill()
+            wan.set_link(rtt_ms=2)
+            m = mount_factory(["writeback_delay=60s"], nfs_port=wan.port, name="e")
+            d = m.mountpoint / "d"
+            assert (d / "f").exists()
+        (d / "f").unlink()
+        d.rmdir()
+        wan.set_link(rtt_ms=2)
+        wan.start()
+        m.flush(timeout=60)
+        log = m.log()
+    assert not (export.raw_path / "d").exists(), os.listdir(export.raw_path / "d")
+    assert "another client put files in it" not in log

@@ -351,9 +351,12 @@ class Flusher:
 
     def cancel_temporary(self, node: Node) -> list[Change] | None:
         """A file created here and removed before any of its changes started never
-        needs to reach the server: drop them all and return them (None: not so)."""
+        needs to reach the server: drop them all and return them (None: not so).
+        Not if an earlier attempt may have reached the server (a retry, or a replay
+        after a restart): the file may be there, and only its REMOVE takes it away."""
         ops = self._by_node.get(node, [])
-        if not node.is_local or not ops or any(p.started for p in ops):
+        if not node.is_local or not ops or \
+                any(p.started or p.maybe_sent or p.change.replayed for p in ops):
             return None
         if any(p.change.kind not in ("create", "write", "setattr", "symlink", "mknod")
                or p.change.node is not node for p in ops):
