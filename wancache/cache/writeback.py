@@ -685,14 +685,15 @@ class WriteBack:
         self._base_also = {ref: {op.base for op in ops if op.kind == "base" and op.node == ref}
                            for ref in bases}
         queued = 0
-        for op in ops:
-            if op.kind in ("bind", "base"):
-                continue
-            if op.kind in CREATES and op.node in alias:
-                self._complete([op.seq])     # it reached the server before the crash
-                continue
+        done = {op.seq for op in ops if op.kind in CREATES and op.node in alias}
+        self._complete(sorted(done))     # they reached the server before the crash
+        replayed = [op for op in ops if op.kind not in ("bind", "base") and op.seq not in done]
+        # Every record's local ids are counted before any is applied: a record dropped
+        # below must not release an id (and its BIND) that a later record still names.
+        for op in replayed:
             for local_id in op.local_ids():
                 self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
+        for op in replayed:
             try:
                 self._apply(op, replaying=True)
                 queued += 1
