@@ -190,7 +190,7 @@ async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = N
             held = data
             wb.hold = lambda node, on: held.hold(node.key) if on else held.release(node.key)
         wb.settled = lambda node, local: own.times.keep(node.fh, local)
-        wb.shown = lambda node, server: own.times.show(node.fh, server)
+        wb.shown = lambda node, server, stale: own.times.show(node.fh, server, stale=stale)
         await wb.replay()
         await nursery.start(wb.run)
         await nursery.start(flusher.run)

@@ -69,6 +69,11 @@ class AttrEntry:
     def expires(self) -> float:
         return self.fetched + self.lease
 
+    @property
+    def before_our_change(self) -> bool:
+        """Kept across a `barrier` without a reply showing our change: older than it."""
+        return self.fetched == -math.inf
+
     def remaining(self, now: float) -> float:
         return max(0.0, self.expires - now)
 

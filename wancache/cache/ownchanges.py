@@ -61,13 +61,18 @@ class Times:
         over `server`'s (the attributes right after them; None: the next seen)."""
         self._masks[fh] = _Mask(_shown(local), _shown(server) if server is not None else None)
 
-    def show(self, fh: bytes, attrs: Fattr3) -> Fattr3:
-        """`attrs` as users here should see them."""
+    def show(self, fh: bytes, attrs: Fattr3, *, stale: bool = False) -> Fattr3:
+        """`attrs` as users here should see them; `stale`: attributes known to be
+        older than our change (they must not become the server's values a mask
+        compares with: the first reply after the change would then look like
+        another client's change, and the local times would jump)."""
         mask = self._masks.get(fh)
         if mask is None:
             return attrs
         now = _shown(attrs)
-        if mask.server is None:
+        if mask.server is None and stale:
+            pass
+        elif mask.server is None:
             mask.server = now
         elif mask.server != now or len(now) != len(mask.local):
             del self._masks[fh]      # changed since: the server's values are the news

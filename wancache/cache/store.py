@@ -228,13 +228,14 @@ class Store:
             attrs = await self.client.getattr(fh, Cred.root())
             return self.nodes.node_for(fh, attrs)
 
-    def _seen(self, node: Node, server: Fattr3) -> Fattr3:
+    def _seen(self, node: Node, server: Fattr3, *, stale: bool = False) -> Fattr3:
         """`node`'s attributes as users here see them: local changes first, then the
-        server's (with the times of our own flushed changes kept)."""
+        server's (with the times of our own flushed changes kept; `stale`: see
+        `Times.show`)."""
         ov = self.overlay.get(node)
         if ov is not None:
             return ov.attrs
-        return self.own.times.show(node.fh, server)
+        return self.own.times.show(node.fh, server, stale=stale)
 
     def attr_ttl(self, node: Node) -> float:
         """Seconds the kernel may trust `node`'s attributes: what is left of our lease
@@ -361,7 +362,7 @@ class Store:
             return None
         log.debug("server unreachable: %r as last seen", parent.child_path(name))
         node = self.nodes.node_for(fh, entry.attrs, parent, name)
-        return node, self._seen(node, entry.attrs)
+        return node, self._seen(node, entry.attrs, stale=entry.before_our_change)
 
     async def _cached_lookup(self, parent: Node, name: bytes,
                              cred: Cred) -> tuple[Node, Fattr3] | None:
@@ -714,7 +715,7 @@ class Store:
                         node = self.nodes.node_for(rec.fh, entry.attrs) \
                             if rec.name in (b".", b"..") \
                             else self.nodes.node_for(rec.fh, entry.attrs, cursor.node, rec.name)
-                        attrs = self._seen(node, entry.attrs)
+                        attrs = self._seen(node, entry.attrs, stale=entry.before_our_change)
             page.append(DirEntry(rec.name, rec.fileid, i, node,
                                  Attrs.of(attrs) if attrs is not None else None))
         return page, offset + READDIR_PAGE >= len(records)

@@ -41,7 +41,7 @@ import trio
 from wancache.config import Config
 from wancache.creds import Cred
 from wancache.nfs_backend.errors import NfsError, TransportError
-from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime
 
 from .attrs import AttrCache, content_version, data_version
 from .flusher import NOW, Change, Flusher, FlushHooks, Outcome, Unresolvable
@@ -94,13 +94,14 @@ class WriteBack:
         self.read_server: ReadServer | None = None
         self.read_cached: Callable[[Node, str, int, int], Awaitable[bytes | None]] | None = None
         self.settled: Callable[[Node, Fattr3], None] = lambda node, attrs: None
-        self.shown: Callable[[Node, Fattr3], Fattr3] = lambda node, attrs: attrs
+        self.shown: Callable[[Node, Fattr3, bool], Fattr3] = lambda node, attrs, stale: attrs
         self.hold: Callable[[Node, bool], None] = lambda node, held: None
         self._failures: weakref.WeakKeyDictionary[Node, str] = weakref.WeakKeyDictionary()
         self._lrefs: dict[int, int] = {}           # local id -> unfinished records naming it
         self._binds: dict[int, int] = {}           # local id -> seq of its BIND record
         self._base_records: dict[Node, int] = {}   # node -> seq of its pending BASE record
         self._base_also: dict[str, set[str]] = {}  # replay: versions BASE records gave
+        self._done_on_server: set[int] = set()     # replay: links/removes found done
         self._room = trio.Event()
         self._to_complete: list[int] = []
         self._completing = trio.Event()
@@ -132,7 +133,7 @@ class WriteBack:
         entry = self.attrs.peek(node.fh)
         if entry is None:
             raise OSError(errno.EIO, "no attributes for a node being changed")
-        return self.shown(node, entry.attrs)
+        return self.shown(node, entry.attrs, entry.before_our_change)
 
     def release(self, node: Node) -> None:
         """The last open of `node` was closed (nothing to do: data is journaled)."""
@@ -480,7 +481,8 @@ class WriteBack:
         node, parent = self._node(op.node), self._node(op.parent)
         self._dir_entry(parent, op.name, node, op.seq, now)
         ov = self._touch(node, now, op.seq)
-        ov.attrs = replace(ov.attrs, nlink=ov.attrs.nlink + 1)
+        if op.seq not in self._done_on_server:    # (else the server's nlink counts it)
+            ov.attrs = replace(ov.attrs, nlink=ov.attrs.nlink + 1)
         return self._change(op, node, parent=parent, name=op.name)
 
     def _apply_remove(self, op: Op, now: NfsTime) -> Change | None:
@@ -492,9 +494,11 @@ class WriteBack:
                          drop=node)
             return None
         is_dir = op.kind == "rmdir"
-        self._dir_entry(parent, op.name, WHITEOUT, op.seq, now, -1 if is_dir else 0)
+        done = op.seq in self._done_on_server     # (the server's nlinks count it)
+        self._dir_entry(parent, op.name, WHITEOUT, op.seq, now, -1 if is_dir and not done else 0)
         ov = self._touch(node, now, op.seq)
-        ov.attrs = replace(ov.attrs, nlink=0 if is_dir else max(0, ov.attrs.nlink - 1))
+        if is_dir or not done:
+            ov.attrs = replace(ov.attrs, nlink=0 if is_dir else max(0, ov.attrs.nlink - 1))
         return self._change(op, node, parent=parent, name=op.name)
 
     _apply_rmdir = _apply_remove
@@ -695,6 +699,8 @@ class WriteBack:
                 self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
         for op in replayed:
             try:
+                if op.kind in ("link", "remove", "rmdir") and await self._found_done(op):
+                    self._done_on_server.add(op.seq)
                 self._apply(op, replaying=True)
                 queued += 1
             except Unresolvable as exc:
@@ -750,6 +756,21 @@ class WriteBack:
         if n > min(HEADER_MAX, length - PREFIX):
             raise ValueError("header too long")
         return decode_op(seq, self.journal.read_sync(seq, 0, PREFIX + n, verify=False), length)
+
+    async def _found_done(self, op: Op) -> bool:
+        """Did this replayed LINK (REMOVE, RMDIR) reach the server before the crash?
+        Its name already names (no longer names) its node there.  Unknown: False."""
+        node, parent = self._node(op.node), self._node(op.parent)
+        if node.is_local or parent.is_local:
+            return False
+        try:
+            res = await self.nodes.client.lookup(parent.fh, op.name, Cred.root())
+        except NfsError as exc:
+            return exc.status == Nfsstat3.NFS3ERR_NOENT and op.kind != "link"
+        except TransportError:
+            return False
+        same = res.obj_attributes is not None and res.obj_attributes.fileid == node.fileid
+        return same if op.kind == "link" else not same
 
     async def _know_nodes(self, ops: list[Op]) -> list[Node]:
         """Nodes for every handle the records name (cached attributes, else GETATTR),
