@@ -477,6 +477,13 @@ class WriteBack:
                             target=op.target, rdev=op.rdev, mode=mode & 0o7777,
                             mtime_after=op.time_ns if ftype is Ftype3.REG else None)
 
+    def _apply_touch(self, op: Op, now: NfsTime) -> Change:
+        """Replay of a create that reached the server: only its directory's times
+        (the flusher keeps the mtime shown here, as after any change of names)."""
+        parent = self._node(op.parent)
+        self._touch(parent, now, op.seq, mtime=now)
+        return self._change(op, parent, parent=parent, name=op.name)
+
     def _apply_link(self, op: Op, now: NfsTime) -> Change:
         node, parent = self._node(op.node), self._node(op.parent)
         self._dir_entry(parent, op.name, node, op.seq, now)
@@ -689,9 +696,10 @@ class WriteBack:
         self._base_also = {ref: {op.base for op in ops if op.kind == "base" and op.node == ref}
                            for ref in bases}
         queued = 0
-        done = {op.seq for op in ops if op.kind in CREATES and op.node in alias}
-        self._complete(sorted(done))     # they reached the server before the crash
-        replayed = [op for op in ops if op.kind not in ("bind", "base") and op.seq not in done]
+        # A create with a BIND reached the server before the crash: what may be left
+        # of it is its directory's mtime (the server's time of the CREATE, not ours).
+        replayed = [replace(op, kind="touch") if op.kind in CREATES and op.node in alias
+                    else op for op in ops if op.kind not in ("bind", "base")]
         # Every record's local ids are counted before any is applied: a record dropped
         # below must not release an id (and its BIND) that a later record still names.
         for op in replayed:
@@ -705,7 +713,7 @@ class WriteBack:
                 queued += 1
             except Unresolvable as exc:
                 self._release_ids(op.local_ids())
-                if alias.get(op.node, op.node) in removed:   # removed later anyway
+                if op.kind == "touch" or alias.get(op.node, op.node) in removed:
                     log.info("journal record %d (%s) needs no replay: its file is gone",
                              op.seq, op.kind)
                     self._complete([op.seq])
