@@ -427,8 +427,10 @@ class FakeNfs:
                 elif exclusive or verf or proc != "CREATE":
                     raise NfsError(S.NFS3ERR_EXIST, proc)
             else:
-                node = self._new(ftype, attrs.mode if attrs.mode is not None else 0o644,
-                                 cred.uid, cred.gid)
+                # An EXCLUSIVE create carries no attributes: the client sets them after
+                # (ganesha's VFS backend then shows 0600, as here).
+                node = self._new(ftype, attrs.mode if attrs.mode is not None else
+                                 0o600 if verf else 0o644, cred.uid, cred.gid)
                 node.target = target
                 node.verf = verf
                 self.created.append(name)

@@ -520,7 +520,9 @@ class ModelMachine(RuleBasedStateMachine):
         problems = [p for p in problems if not any(s in p for s in IGNORE)]
         if problems:
             self.failed = True
-            raise AssertionError(header + ":\n" + "\n".join(problems[:20]))
+            recent = [mo.describe(op) for op in self.ex.acknowledged[-40:]]
+            raise AssertionError(header + ":\n" + "\n".join(problems[:20]) +
+                                 "\nthe last ops the mount acknowledged:\n" + "\n".join(recent))
 
     def settled_diffs(self, tree: Path, ignore: Callable[[str], bool] | None, *,
                       flush: bool = False) -> list[str]:

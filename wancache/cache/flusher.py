@@ -643,7 +643,7 @@ class Flusher:
         elif c.kind == "link":
             await self._link(batch[0])
         elif c.kind == "touch":
-            pass        # (a replayed create the server has: _keep_times does the rest)
+            await self._touch(batch[0])
         else:
             raise ValueError(f"unknown kind of change {c.kind!r}")
         return Outcome()
@@ -657,7 +657,8 @@ class Flusher:
         changes = [p.change for p in batch]
         nodes = {n for c in changes if c.kind not in DATA
                  for n in (c.parent, c.parent2) if n is not None}
-        nodes |= {c.node for c in changes if c.kind in CREATES and c.ftype is not Ftype3.REG}
+        nodes |= {c.node for c in changes if c.kind in (*CREATES, "touch")
+                  and c.ftype is not Ftype3.REG}
         for node in nodes:
             if node.is_local or node.gone or any(
                     p not in batch and node in (p.change.parent, p.change.parent2)
@@ -672,6 +673,24 @@ class Flusher:
                 log.debug("could not keep the mtime of %r: %s", node.path(), exc)
                 continue
             self._h.file_changed(node, res.obj_wcc.after, sent)
+
+    async def _touch(self, p: Pending) -> None:
+        """A replayed create the server has: a new file's mode and times (its directory's
+        mtime: `_keep_times`, as for every change of names); best effort: it may be
+        gone or changed since."""
+        c = p.change
+        if c.ftype is not Ftype3.REG:
+            return
+        sattr = Sattr3(mode=c.mode, atime=_time(c.attrs["atime"], True),
+                       mtime=_time(c.attrs["mtime"], True))
+        sent = trio.current_time()
+        try:
+            res = await self._setattr(c.node, sattr, c.cred)
+        except NfsError as exc:
+            log.info("could not set the mode and times of %r after a restart: %s",
+                     c.node.path(), exc)
+            return
+        self._h.file_changed(c.node, res.obj_wcc.after, sent)
 
     async def _lookup(self, parent: Node, name: bytes, cred: Cred) -> nfs3.LookupRes | None:
         try:

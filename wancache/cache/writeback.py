@@ -478,11 +478,19 @@ class WriteBack:
                             mtime_after=op.time_ns if ftype is Ftype3.REG else None)
 
     def _apply_touch(self, op: Op, now: NfsTime) -> Change:
-        """Replay of a create that reached the server: only its directory's times
-        (the flusher keeps the mtime shown here, as after any change of names)."""
-        parent = self._node(op.parent)
+        """Replay of a create that reached the server (its BIND says so) when the crash
+        may have come before the rest of its run: a new file's mode and times (an
+        EXCLUSIVE create carries neither) and its directory's mtime (the flusher keeps
+        the one shown here, as after any change of names)."""
+        parent, node = self._node(op.parent), self._node(op.node)
         self._touch(parent, now, op.seq, mtime=now)
-        return self._change(op, parent, parent=parent, name=op.name)
+        ftype = Ftype3(op.ftype)
+        if ftype is not Ftype3.REG:
+            return self._change(op, node, parent=parent, name=op.name, ftype=ftype)
+        mode = op.mode & 0o7777
+        self._touch(node, now, op.seq, mode=mode, atime=now, mtime=now)
+        return self._change(op, node, parent=parent, name=op.name, ftype=ftype, mode=mode,
+                            attrs={"atime": op.time_ns, "mtime": op.time_ns})
 
     def _apply_link(self, op: Op, now: NfsTime) -> Change:
         node, parent = self._node(op.node), self._node(op.parent)
