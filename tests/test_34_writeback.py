@@ -343,6 +343,25 @@ async def test_a_new_file_gets_its_mode_when_the_crash_came_after_its_create(
     assert fake.path("/f").attrs.mode == 0o644
 
 
+async def test_a_temporary_file_still_sets_its_directorys_mtime(tmp_path: Path) -> None:
+    """A file created and removed before any of it was sent never reaches the server,
+    but its directory's mtime changed here: it stayed the old one there, and showed
+    again after a remount (model checker: "mtimes changed across kill -9 and
+    remount: d: mtime ... (+0.012 s)")."""
+    fake = FakeNfs()
+    fake.server_create("/d", is_dir=True)
+    old = fake.path("/d").attrs.mtime.to_ns()
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        d, _ = await store.lookup(store.root, b"d", ROOT)
+        await store.create(d, b"t", 0o644, ROOT, exclusive=True)
+        await store.remove(d, b"t", ROOT)
+        shown = (await store.getattr(d, ROOT)).mtime_ns
+        assert shown != old
+        await sync(store)
+    assert "CREATE" not in fake.calls()
+    assert fake.path("/d").attrs.mtime.to_ns() == shown
+
+
 async def test_a_file_changed_elsewhere_is_a_conflict(tmp_path: Path,
                                                       allow_log_warnings: None) -> None:
     fake = FakeNfs()

@@ -505,9 +505,10 @@ class WriteBack:
         cancelled = self.flusher.cancel_temporary(node)
         if cancelled is not None:     # a temporary file: nothing of it reaches the server
             self._touch(parent, now, op.seq, mtime=now)
-            self._forget([*cancelled, self._change(op, node, parent=parent, name=op.name)],
-                         drop=node)
-            return None
+            self._forget(cancelled, drop=node)
+            # but its directory's mtime, which changed here (as after any change of names)
+            return replace(self._change(op, parent, parent=parent, name=op.name,
+                                        ftype=Ftype3.DIR), kind="touch")
         is_dir = op.kind == "rmdir"
         done = op.seq in self._done_on_server     # (the server's nlinks count it)
         self._dir_entry(parent, op.name, WHITEOUT, op.seq, now, -1 if is_dir and not done else 0)
