@@ -126,6 +126,7 @@ class Pending:
     deps: set[Pending] = field(default_factory=set)
     dependents: set[Pending] = field(default_factory=set)
     started: bool = False
+    executed: bool = False             # its calls are done (the directories' mtimes next)
     urgent: bool = False               # skips writeback_delay
     waited: bool = False               # someone waits for it (runs even when paused)
     attempts: int = 0
@@ -494,6 +495,8 @@ class Flusher:
             try:
                 with patient():     # no application waits on one call: slow is fine
                     outcome = await self._execute(batch)
+                    for p in batch:
+                        p.executed = True
                     await self._keep_times(batch)
             except BaseExceptionGroup as group:      # from the WRITEs in flight
                 raise _first_error(group) from None
@@ -661,9 +664,10 @@ class Flusher:
                   and c.ftype is not Ftype3.REG}
         for node in nodes:
             if node.is_local or node.gone or any(
-                    p not in batch and node in (p.change.parent, p.change.parent2)
+                    not p.executed and p not in batch and
+                    node in (p.change.parent, p.change.parent2)
                     for p in self._by_node.get(node, ())):
-                continue
+                continue     # the last change of its names to be done sets it
             attrs = self._h.local_attrs(node)
             owner = Cred(attrs.uid, attrs.gid, (attrs.gid,))
             sent = trio.current_time()
