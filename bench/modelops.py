@@ -1061,14 +1061,17 @@ def compare_trees(a: Path, b: Path, *, owners: bool = True,
     return diffs
 
 
-def time_snapshot(root: Path, *, ignore: Callable[[str], bool] | None = hidden_on_mount
-                  ) -> dict[str, tuple[int, int]]:
-    """(mtime_ns, ctime_ns) of every entry below `root` but symlinks."""
+def time_snapshot(root: Path, *, ignore: Callable[[str], bool] | None = hidden_on_mount,
+                  dirs: bool = True) -> dict[str, tuple[int, int]]:
+    """(mtime_ns, ctime_ns) of every entry below `root` but symlinks (and directories
+    unless `dirs`)."""
     out = {}
     for p in ["", *_walk(Path(root), ignore)]:
         with contextlib.suppress(OSError):
             st = os.lstat(Path(root) / p)
-            if not stat.S_ISLNK(st.st_mode):    # the server keeps no symlink times
+            if stat.S_ISLNK(st.st_mode):     # the server keeps no symlink times
+                continue
+            if dirs or not stat.S_ISDIR(st.st_mode):
                 out[p or "."] = (st.st_mtime_ns, st.st_ctime_ns)
     return out
 
