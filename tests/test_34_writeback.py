@@ -362,6 +362,23 @@ async def test_a_temporary_file_still_sets_its_directorys_mtime(tmp_path: Path) 
     assert fake.path("/d").attrs.mtime.to_ns() == shown
 
 
+async def test_two_changes_done_at_once_still_set_their_directorys_mtime(
+        tmp_path: Path) -> None:
+    """Two MKDIRs in one directory done at once: each, setting its new directory's
+    mtime (an await), saw the other still pending and left the parent's mtime to it,
+    so neither set it and the server kept its own time."""
+    fake = FakeNfs(latency=0.02)
+    fake.server_create("/d", is_dir=True)
+    async with stack(tmp_path, fake) as store:
+        d, _ = await store.lookup(store.root, b"d", ROOT)
+        async with trio.open_nursery() as nursery:
+            for name in (b"x", b"y"):
+                nursery.start_soon(store.mkdir, d, name, 0o755, ROOT)
+        shown = (await store.getattr(d, ROOT)).mtime_ns
+        await sync(store)
+    assert fake.path("/d").attrs.mtime.to_ns() == shown
+
+
 async def test_a_file_changed_elsewhere_is_a_conflict(tmp_path: Path,
                                                       allow_log_warnings: None) -> None:
     fake = FakeNfs()
