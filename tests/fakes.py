@@ -490,6 +490,8 @@ class FakeNfs:
                 if gone.attrs.nlink <= 0 or gone.attrs.type is Ftype3.DIR:
                     del self.nodes[old]
             dst.children[to_name] = fh
+            moved = self.nodes[fh]          # its ctime changes (Linux file systems, ganesha)
+            moved.attrs = replace(moved.attrs, ctime=_now())
             self._touch(src, size=len(src.children))
             if dst is not src:
                 self._touch(dst, size=len(dst.children))
