@@ -379,6 +379,22 @@ async def test_two_changes_done_at_once_still_set_their_directorys_mtime(
     assert fake.path("/d").attrs.mtime.to_ns() == shown
 
 
+async def test_nlink_after_a_link_and_its_removal_are_flushed(tmp_path: Path) -> None:
+    """The LINK's reply (nlink 2) stayed the file's cached attributes after the REMOVE
+    of the new name was flushed too: fstat said 2 (model checker: "fstat after write:
+    nlink mount 2 oracle 1")."""
+    fake = FakeNfs()
+    fake.server_create("/b", b"data")
+    async with stack(tmp_path, fake) as store:
+        b, _ = await store.lookup(store.root, b"b", ROOT)
+        await store.link(b, store.root, b"c", ROOT)
+        await sync(store)
+        await store.remove(store.root, b"c", ROOT)
+        await sync(store)
+        await store.write(b, 0, b"D", ROOT)      # local attributes from the kept ones
+        assert (await store.getattr(b, ROOT)).nlink == 1
+
+
 async def test_a_file_changed_elsewhere_is_a_conflict(tmp_path: Path,
                                                       allow_log_warnings: None) -> None:
     fake = FakeNfs()

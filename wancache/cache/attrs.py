@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import trio
 from cachetools import LRUCache
@@ -160,7 +160,7 @@ class AttrCache:
                 listener(fh, old.attrs, attrs, ours)
 
     def barrier(self, fh: bytes, done: float, after: Fattr3 | None = None,
-                sent: float | None = None) -> None:
+                sent: float | None = None, *, nlink: int = 0) -> None:
         """Our own change to `fh` was done on the server at `done`: attributes from
         calls sent before then may not show it, so they are dropped, and replies to
         such calls still on their way are ignored.  `after`: the attributes the
@@ -169,7 +169,9 @@ class AttrCache:
         old = self._entries.get(fh)
         if after is None:
             if old is not None:     # kept (the last we knew), but asked again first
-                self._entries[fh] = AttrEntry(old.attrs, -math.inf, 0.0)
+                attrs = old.attrs if not nlink else \
+                    replace(old.attrs, nlink=max(0, old.attrs.nlink + nlink))
+                self._entries[fh] = AttrEntry(attrs, -math.inf, 0.0)
             return
         if self.enabled:
             lo, _ = self._bounds(after)

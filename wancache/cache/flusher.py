@@ -160,7 +160,7 @@ class FlushHooks:
     lost: Callable[[list[Change], str], Awaitable[None]]          # never raises
     dir_changed: Callable[..., None]
     own_dir: Callable[[Node, Fattr3], None]
-    file_changed: Callable[[Node, Fattr3 | None, float | None], None]
+    file_changed: Callable[..., None]       # (node, attrs after or None, sent; nlink=)
 
 
 @dataclass
@@ -812,6 +812,8 @@ class Flusher:
                 return
             raise
         self._h.dir_changed(c.parent, res.dir_wcc, c.name, removed=True)
+        if c.kind == "remove":
+            self._h.file_changed(c.node, None, None, nlink=-1)     # and its ctime
 
     async def _rename(self, p: Pending) -> None:
         c = p.change
@@ -841,6 +843,8 @@ class Flusher:
         self._h.dir_changed(dst, res.todir_wcc, c.name2, removed=c.replaced is not None,
                             added=c.node)
         self._h.file_changed(c.node, None, None)     # its ctime changed
+        if c.replaced is not None and c.replaced is not c.node and not c.replaced.is_dir:
+            self._h.file_changed(c.replaced, None, None, nlink=-1)     # and its ctime
 
     async def _link(self, p: Pending) -> None:
         c = p.change

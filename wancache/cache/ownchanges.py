@@ -152,11 +152,13 @@ class OwnChanges:
                                        trusted_until=trio.current_time() + lo))
 
     def file_changed(self, node: Node, after: Fattr3 | None = None,
-                     sent: float | None = None) -> None:
+                     sent: float | None = None, *, nlink: int = 0) -> None:
         """Our change to `node`'s data or attributes is done on the server; `after`
-        (from a call sent at `sent`) shows it, if known."""
-        self.attrs.barrier(node.fh, trio.current_time(), after, sent)
-        if self.data is not None and node.ftype is Ftype3.REG:
+        (from a call sent at `sent`) shows it, if known; else `nlink` is what it did to
+        the link count (the attributes kept until asked again are not to show more
+        links than there are)."""
+        self.attrs.barrier(node.fh, trio.current_time(), after, sent, nlink=nlink)
+        if self.data is not None and node.ftype is Ftype3.REG and not nlink:
             self.data.changed(node.key)
 
     def file_removed(self, node: Node) -> None:
