@@ -57,6 +57,7 @@ COMPLETE_EVERY = 0.2        # seconds between journal writes marking changes don
 EAGER_BYTES = 1 << 20       # a file with this much new data is not a temp file: no delay
 MAX_PENDING = 65536         # changes not yet on the server before writers wait
 HEADER_MAX = 64 << 10       # bytes of a record read to find its header
+REPLAY_CALLS = 64           # calls in flight while a replay asks the server
 ReadServer = Callable[[Node, int, int], Awaitable[bytes]]
 
 
@@ -714,10 +715,9 @@ class WriteBack:
         for op in replayed:
             for local_id in op.local_ids():
                 self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
+        self._done_on_server = await self._found_done_all(replayed)
         for op in replayed:
             try:
-                if op.kind in ("link", "remove", "rmdir") and await self._found_done(op):
-                    self._done_on_server.add(op.seq)
                 self._apply(op, replaying=True)
                 queued += 1
             except Unresolvable as exc:
@@ -774,6 +774,26 @@ class WriteBack:
             raise ValueError("header too long")
         return decode_op(seq, self.journal.read_sync(seq, 0, PREFIX + n, verify=False), length)
 
+    async def _found_done_all(self, ops: list[Op]) -> set[int]:
+        """The LINKs, REMOVEs and RMDIRs among `ops` the server already has (the
+        lookups all in flight: over the WAN, one at a time took minutes)."""
+        found: set[int] = set()
+        limiter = trio.CapacityLimiter(REPLAY_CALLS)
+
+        async def check(op: Op) -> None:
+            async with limiter:
+                try:
+                    if await self._found_done(op):
+                        found.add(op.seq)
+                except Unresolvable:
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            for op in ops:
+                if op.kind in ("link", "remove", "rmdir"):
+                    nursery.start_soon(check, op)
+        return found
+
     async def _found_done(self, op: Op) -> bool:
         """Did this replayed LINK (REMOVE, RMDIR) reach the server before the crash?
         Its name already names (no longer names) its node there.  Unknown: False."""
@@ -796,23 +816,32 @@ class WriteBack:
         fhs = {bytes.fromhex(r[1:]) for op in ops for r in op.refs() if r.startswith("f")}
         fhs |= {op.fh for op in ops if op.kind == "bind"}
         unknown = 0
-        for fh in fhs:
-            if self.nodes.get(fh) is not None:
-                continue
+        limiter = trio.CapacityLimiter(REPLAY_CALLS)
+
+        async def know(fh: bytes) -> None:
+            nonlocal unknown
             entry = self.attrs.peek(fh)
             try:
-                attrs = entry.attrs if entry is not None else \
-                    await self.nodes.client.getattr(fh, Cred.root())
+                if entry is not None:
+                    attrs = entry.attrs
+                else:
+                    async with limiter:
+                        attrs = await self.nodes.client.getattr(fh, Cred.root())
             except NfsError as exc:     # gone from the server: its records cannot apply
                 log.info("a file the journal refers to is gone from the server (%s)", exc)
-                continue
+                return
             except TransportError as exc:
                 unknown += 1
                 log.warning("cannot look up a file the journal refers to (%s)", exc)
-                continue
+                return
             if entry is None:
                 self.attrs.update(fh, attrs, None, trio.current_time())
             known.append(self.nodes.node_for(fh, attrs))
+
+        async with trio.open_nursery() as nursery:   # (all in flight: see above)
+            for fh in fhs:
+                if self.nodes.get(fh) is None:
+                    nursery.start_soon(know, fh)
         if unknown:
             raise OSError(errno.EHOSTUNREACH, "the journal refers to files whose attributes "
                           "are not cached and the server cannot be reached: mount again "
