@@ -158,8 +158,8 @@ class FakeNfs:
                                pathconf)
         self.verf = b"verf0001"
         self.fail: dict[str, Exception] = {}    # proc -> error its next call raises
-        self.in_flight: Counter[str] = Counter()         # calls of a proc under way
-        self.most_in_flight: Counter[str] = Counter()    # ... at most, so far
+        self.under_way: Counter[str] = Counter()         # calls of a proc under way
+        self.most_under_way: Counter[str] = Counter()    # ... at most, so far
         self.created: list[bytes] = []          # names created, in order
         self.on_write: list = []                # callbacks run after each WRITE
         self.faults: dict[str, deque[Fault]] = {}   # proc -> faults of its next calls
@@ -307,15 +307,15 @@ class FakeNfs:
         sent = trio.current_time()
         self.stats.started(f"nfs3.{proc}", 100)
         self.stats.finished(f"nfs3.{proc}", 0.0, 100, ok=True)
-        self.in_flight[proc] += 1
-        self.most_in_flight[proc] = max(self.most_in_flight[proc], self.in_flight[proc])
+        self.under_way[proc] += 1
+        self.most_under_way[proc] = max(self.most_under_way[proc], self.under_way[proc])
         try:
             if self.latency:
                 await trio.sleep(self.latency)
             else:
                 await trio.lowlevel.checkpoint()
         finally:
-            self.in_flight[proc] -= 1
+            self.under_way[proc] -= 1
         return sent
 
     async def _rpc(self, proc: str, act: Callable[[Sinks, Fault | None], R], *,

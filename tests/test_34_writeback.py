@@ -408,10 +408,10 @@ async def test_replay_asks_the_server_with_many_calls_in_flight(tmp_path: Path) 
             await store.link(f, store.root, f"g{i}".encode(), ROOT)
             await store.remove(store.root, f"g{i}".encode(), ROOT)
         await sync(store)
-    fake.most_in_flight.clear()
+    fake.most_under_way.clear()
     async with stack(tmp_path, fake) as store:
         await sync(store)
-    assert fake.most_in_flight["GETATTR"] >= 10 and fake.most_in_flight["LOOKUP"] >= 10
+    assert fake.most_under_way["GETATTR"] >= 10 and fake.most_under_way["LOOKUP"] >= 10
     assert fake.tree() == {f"f{i}": b"x" for i in range(20)}
 
 
