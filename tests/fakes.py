@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from wancache.cache.node import LOCAL_PREFIX
 from wancache.nfs_backend import nfs3
 from wancache.nfs_backend.client import ServerInfo
 from wancache.nfs_backend.errors import (
@@ -168,6 +169,9 @@ class FakeNfs:
         # What the server did to files, in order: ("WRITE", fh, offset, length, uid),
         # ("SETATTR", fh, sattr, uid).
         self.log: list[tuple[Any, ...]] = []
+        # Calls that named a node created here and not yet on the server by its
+        # placeholder handle (ganesha answers NFS3ERR_BADHANDLE): always a bug.
+        self.placeholder_calls: list[str] = []
 
     # -- faults --------------------------------------------------------------------
 
@@ -360,6 +364,9 @@ class FakeNfs:
 
     def _node(self, fh: bytes, proc: str) -> FakeNode:
         node = self.nodes.get(fh)
+        if node is None and fh.startswith(LOCAL_PREFIX):
+            self.placeholder_calls.append(proc)
+            raise NfsError(S.NFS3ERR_BADHANDLE, proc)
         if node is None:
             raise NfsError(S.NFS3ERR_STALE, proc)
         return node

@@ -17,12 +17,13 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fakes import FakeNfs
+from tests.fakes import FakeNfs, Fault
 from tests.test_34_writeback import stack, stats, sync, wb
 from wancache.cache.node import Node
 from wancache.cache.store import Store
 from wancache.cache.types import AttrChange
 from wancache.creds import Cred
+from wancache.nfs_backend.errors import ServerUnreachableError, TransportError
 
 ROOT = Cred.root()
 DIRS = ("", "a", "b", "a/x")
@@ -68,7 +69,9 @@ def server_tree(fake: FakeNfs) -> dict[str, Any]:
     return norm(tree)
 
 
-async def apply(store: Store, rnd: random.Random, kind: str) -> None:
+async def apply(store: Store, rnd: random.Random, kind: str, *,
+                link_fails: bool = False) -> None:
+    """One random change (`link_fails`: a call it needs may fail on the link)."""
     d = await resolve(store, rnd.choice(DIRS))
     if d is None:
         return
@@ -109,6 +112,8 @@ async def apply(store: Store, rnd: random.Random, kind: str) -> None:
                 await store.setattr(f, AttrChange(size=rnd.randrange(0, 100)), ROOT)
         elif kind == "flush":
             await sync(store)
+    except TransportError:
+        assert link_fails
     except OSError as exc:
         assert exc.errno in (errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
                              errno.ENOTEMPTY, errno.EINVAL), exc
@@ -164,6 +169,56 @@ def test_concurrent_changes_reach_the_server_as_seen_here(
                     nursery.start_soon(worker, store, random.Random(seed + i))
             await sync(store)
             seen = await local_tree(store, store.root)
+            assert server_tree(fake) == seen
+            assert stats(store).conflicts == 0 and stats(store).lost == 0
+
+    trio.run(run)
+
+
+FAULTY = ("CREATE", "MKDIR", "MKNOD", "SYMLINK", "LINK", "RENAME", "REMOVE", "RMDIR",
+          "WRITE", "COMMIT", "SETATTR", "LOOKUP")
+
+
+def inject_fault(fake: FakeNfs, rnd: random.Random) -> None:
+    """A call of some kind soon fails as a WAN does: refused before it left (the link
+    is down), or its reply lost after the server acted (a timeout after sending)."""
+    proc = rnd.choice(FAULTY)
+    how = rnd.choice(("refuse", "lost", "lost"))
+    fault = Fault.refuse(ServerUnreachableError("fake: link down")) if how == "refuse" \
+        else Fault.lose_reply()
+    fake.inject(proc, fault, times=rnd.randrange(1, 4))
+
+
+@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), count=st.integers(5, 300))
+def test_random_changes_reach_the_server_through_a_failing_link(
+        tmp_path_factory: pytest.TempPathFactory, allow_log_warnings: None, seed: int,
+        count: int) -> None:
+    """As above, while calls fail before they leave or lose their replies after the
+    server acted, and the server goes away for a while: every retry must find what
+    the failed attempt did, and no call may name a file the server does not have yet
+    (the soak saw a WRITE sent with a new file's placeholder handle: BADHANDLE)."""
+    async def run() -> None:
+        tmp: Path = tmp_path_factory.mktemp("wbf")
+        fake = FakeNfs(latency=0.0005)
+        for d in ("a", "b", "a/x"):
+            fake.server_create(d, is_dir=True)
+        rnd = random.Random(seed)
+        async with stack(tmp, fake, "writeback_delay=0") as store:
+            for _ in range(count):
+                roll = rnd.random()
+                if roll < 0.15:
+                    inject_fault(fake, rnd)
+                elif roll < 0.18:
+                    fake.down = not fake.down
+                await apply(store, rnd, rnd.choice(KINDS[:-1]), link_fails=True)
+                await trio.sleep(rnd.choice((0, 0, 0.001, 0.01)))   # let the flusher run
+            fake.clear_faults()
+            fake.down = False
+            await sync(store)
+            seen = await local_tree(store, store.root)
+            assert fake.placeholder_calls == []
             assert server_tree(fake) == seen
             assert stats(store).conflicts == 0 and stats(store).lost == 0
 

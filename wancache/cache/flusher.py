@@ -491,6 +491,13 @@ class Flusher:
         return batch, next_due
 
     async def _job(self, batch: list[Pending]) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            c = batch[0].change
+            log.debug("flushing %s of %r: %s", "+".join(p.change.kind for p in batch),
+                      c.node.path(), " ".join(
+                          f"{p.change.seq}{'L' if p.change.node.is_local else ''}"
+                          f"{'m' if p.maybe_sent else ''}{'r' if p.change.replayed else ''}"
+                          f"/{p.attempts}" for p in batch))
         try:
             try:
                 with patient():     # no application waits on one call: slow is fine
@@ -515,6 +522,8 @@ class Flusher:
     async def _failed(self, batch: list[Pending], exc: Exception) -> None:
         """Retry what may work later; give up (the `lost` hook saves the data) on
         what never will.  Never raises: a failing flush must not end the mount."""
+        log.debug("flush of %s (seqs %s) failed: %r", batch[0].change.kind,
+                  [p.change.seq for p in batch], exc)
         try:
             if isinstance(exc, NfsError) and exc.status in STALE and \
                     self._removed(batch[0].change.node):
@@ -891,7 +900,8 @@ class Flusher:
             await self._create(batch[0])           # WRITEs changed its verifier's times)
         cred = changes[-1].cred
         base = next((c.base for c in changes if c.base), "")
-        if base and not created and await self._conflicted(node, base):
+        if base and not created and not self._in_doubt(batch) and \
+                await self._conflicted(node, base):
             return await self._conflict(node, batch)
         ops = [c.file_op for c in changes if c.file_op is not None]
         size = 0 if created else self._h.server_size(node)
@@ -1051,6 +1061,14 @@ class Flusher:
         return verfs
 
     # -- conflicts ----------------------------------------------------------------------
+
+    def _in_doubt(self, batch: list[Pending]) -> bool:
+        """May an earlier attempt of this batch have changed the file on the server
+        (a reply lost, or a crash while it was sent: its BASE record says)?  Then
+        the server's version may be ours, half applied: no conflict check (sending
+        the batch again from its start gives the same file)."""
+        return any(p.maybe_sent for p in batch) or \
+            (any(p.change.replayed for p in batch) and bool(self.also_ours(batch[0].change.node)))
 
     async def _conflicted(self, node: Node, base: str) -> bool:
         """Did someone else change `node` since the version our changes apply to?"""
