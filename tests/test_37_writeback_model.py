@@ -223,3 +223,45 @@ def test_random_changes_reach_the_server_through_a_failing_link(
             assert stats(store).conflicts == 0 and stats(store).lost == 0
 
     trio.run(run)
+
+
+@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32), count=st.integers(5, 200), crashes=st.integers(1, 3))
+def test_random_changes_survive_crashes_on_a_failing_link(
+        tmp_path_factory: pytest.TempPathFactory, allow_log_warnings: None, seed: int,
+        count: int, crashes: int) -> None:
+    """As above, and the daemon dies (nothing flushed or completed beyond what the
+    flusher had done) at random points: after each restart users see what they saw
+    before it, and once flushed the server has it."""
+    async def run() -> None:
+        tmp: Path = tmp_path_factory.mktemp("wbk")
+        fake = FakeNfs(latency=0.0005)
+        for d in ("a", "b", "a/x"):
+            fake.server_create(d, is_dir=True)
+        rnd = random.Random(seed)
+        seen: dict[str, Any] | None = None
+        for life in range(crashes + 1):
+            last = life == crashes
+            async with stack(tmp, fake, "writeback_delay=0", crash=not last) as store:
+                if seen is not None:
+                    fake.down = False
+                    assert await local_tree(store, store.root) == seen
+                for _ in range(count):
+                    roll = rnd.random()
+                    if roll < 0.15:
+                        inject_fault(fake, rnd)
+                    elif roll < 0.18:
+                        fake.down = not fake.down
+                    await apply(store, rnd, rnd.choice(KINDS[:-1]), link_fails=True)
+                    await trio.sleep(rnd.choice((0, 0, 0.001, 0.01)))
+                fake.clear_faults()
+                fake.down = False
+                seen = await local_tree(store, store.root)
+                if last:
+                    await sync(store)
+                    assert fake.placeholder_calls == []
+                    assert server_tree(fake) == seen
+                    assert stats(store).conflicts == 0 and stats(store).lost == 0
+
+    trio.run(run)

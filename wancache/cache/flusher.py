@@ -655,7 +655,7 @@ class Flusher:
         elif c.kind == "link":
             await self._link(batch[0])
         elif c.kind == "touch":
-            await self._touch(batch[0])
+            return await self._touch(batch[0])
         else:
             raise ValueError(f"unknown kind of change {c.kind!r}")
         return Outcome()
@@ -687,13 +687,13 @@ class Flusher:
                 continue
             self._h.file_changed(node, res.obj_wcc.after, sent)
 
-    async def _touch(self, p: Pending) -> None:
+    async def _touch(self, p: Pending) -> Outcome:
         """A replayed create the server has: a new file's mode and times (its directory's
         mtime: `_keep_times`, as for every change of names); best effort: it may be
-        gone or changed since."""
+        gone or changed since.  The version it leaves is ours (`Outcome.after`)."""
         c = p.change
         if c.ftype is not Ftype3.REG:
-            return
+            return Outcome()
         sattr = Sattr3(mode=c.mode, atime=_time(c.attrs["atime"], True),
                        mtime=_time(c.attrs["mtime"], True))
         sent = trio.current_time()
@@ -702,8 +702,9 @@ class Flusher:
         except NfsError as exc:
             log.info("could not set the mode and times of %r after a restart: %s",
                      c.node.path(), exc)
-            return
+            return Outcome()
         self._h.file_changed(c.node, res.obj_wcc.after, sent)
+        return Outcome(after=res.obj_wcc.after, sent=sent)
 
     async def _lookup(self, parent: Node, name: bytes, cred: Cred) -> nfs3.LookupRes | None:
         try:

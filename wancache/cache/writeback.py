@@ -612,7 +612,9 @@ class WriteBack:
             ov.file_ops, ov.file = [], None
         elif ov is not None and outcome.server_size is not None:
             ov.file_ops_done(seqs, outcome.server_size)
-        if ov is not None and outcome.after is not None and node.local_id is None:
+        if ov is not None and outcome.after is not None and \
+                (node.local_id is None or ov.base_version is not None):
+            # (a node created here has no base, unless a replayed record gave it one)
             ov.base_version = content_version(outcome.after)
         self._forget(changes)
 
