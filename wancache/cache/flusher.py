@@ -807,8 +807,9 @@ class Flusher:
         c = p.change
         assert c.parent is not None
         call = self.client.remove if c.kind == "remove" else self.client.rmdir
-        if await self._done_before(p, c.parent, c.name):
-            self._h.dir_changed(c.parent, nfs3.WccData(), c.name, removed=True)
+        done = await self._done_before(p, c.parent, c.name)
+        if done is not None:
+            self._h.dir_changed(c.parent, nfs3.WccData(), c.name, removed=done)
             return
         try:
             res = await self.nodes.on(c.parent, c.cred, lambda fh: call(fh, c.name, c.cred))
@@ -829,11 +830,10 @@ class Flusher:
         c = p.change
         src, dst = c.parent, c.parent2
         assert src is not None and dst is not None
-        if await self._done_before(p, src, c.name):
-            there = await self._is(dst, c.name2, c.node, c.cred)
-            self._h.dir_changed(src, nfs3.WccData(), c.name, removed=True)
-            self._h.dir_changed(dst, nfs3.WccData(), c.name2, added=c.node if there else None,
-                                removed=not there)
+        done = await self._done_before(p, src, c.name)
+        if done is not None:
+            self._h.dir_changed(src, nfs3.WccData(), c.name, removed=done)
+            await self._settle_name(dst, c.name2, c.node, c.cred)
             return
         try:
             res = await self.nodes.on(src, c.cred, lambda fh: self.client.rename(
@@ -846,8 +846,7 @@ class Flusher:
                 raise
             # A repeat: it had been renamed (and maybe renamed on, before a restart).
             self._h.dir_changed(src, nfs3.WccData(), c.name, removed=True)
-            self._h.dir_changed(dst, nfs3.WccData(), c.name2, added=c.node if there else None,
-                                removed=not there)
+            await self._settle_name(dst, c.name2, c.node, c.cred)
             return
         self._h.dir_changed(src, res.fromdir_wcc, c.name, removed=True)
         self._h.dir_changed(dst, res.todir_wcc, c.name2, removed=c.replaced is not None,
@@ -873,17 +872,33 @@ class Flusher:
                             added_attrs=res.file_attributes)
         self._h.file_changed(c.node, res.file_attributes, sent)    # nlink, ctime
 
-    async def _done_before(self, p: Pending, parent: Node, name: bytes) -> bool:
+    async def _done_before(self, p: Pending, parent: Node, name: bytes) -> bool | None:
         """A REMOVE or RENAME that may have reached the server already (replayed after a
         restart, or sent before a lost reply) must not hit whatever took `name` since
-        (a file created there later): True if `name` no longer names its node."""
+        (a file created there later).  None: `name` still names its node (send it);
+        True: done, the name is free; False: done, the name is another file's now
+        (which the listing must keep)."""
         c = p.change
         if not (p.maybe_sent or c.replayed) or c.node.is_local or parent.is_local:
-            return False
+            return None
         look = await self._lookup(parent, name, c.cred)
         if look is None:
             return True
-        return look.obj_attributes is not None and look.obj_attributes.fileid != c.node.fileid
+        if look.obj_attributes is not None and look.obj_attributes.fileid != c.node.fileid:
+            return False
+        return None
+
+    async def _settle_name(self, parent: Node, name: bytes, node: Node, cred: Cred) -> None:
+        """After a change found done before: what `name` names on the server now goes
+        into `parent`'s listing (our node, nothing, or, unknown to us, another file's:
+        then the listing is dropped unless ours only changed it)."""
+        look = await self._lookup(parent, name, cred)
+        if look is None:
+            self._h.dir_changed(parent, nfs3.WccData(), name, removed=True)
+        elif look.obj_attributes is not None and look.obj_attributes.fileid == node.fileid:
+            self._h.dir_changed(parent, nfs3.WccData(), name, added=node)
+        else:
+            self._h.dir_changed(parent, nfs3.WccData(), name)
 
     async def _is(self, parent: Node, name: bytes, node: Node, cred: Cred) -> bool:
         look = await self._lookup(parent, name, cred)

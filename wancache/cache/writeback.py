@@ -484,7 +484,10 @@ class WriteBack:
         EXCLUSIVE create carries neither) and its directory's mtime (the flusher keeps
         the one shown here, as after any change of names)."""
         parent, node = self._node(op.parent), self._node(op.node)
-        self._touch(parent, now, op.seq, mtime=now)
+        # Its name is its own again from here on: an earlier record replayed before it
+        # (a rename or remove of what had the name then) must not hide it.  (The
+        # server's link counts have it already.)
+        self._dir_entry(parent, op.name, node, op.seq, now)
         ftype = Ftype3(op.ftype)
         if ftype is not Ftype3.REG:
             return self._change(op, node, parent=parent, name=op.name, ftype=ftype)
