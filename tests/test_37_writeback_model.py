@@ -233,6 +233,8 @@ def test_random_changes_reach_the_server_through_a_failing_link(
 # name before hid the directory created under that name after it.
 @example(seed=13, count=26, crashes=3)
 @example(seed=177, count=24, crashes=2)
+# ... and a replayed LINK whose name a later replayed rename had taken (EXIST: lost)
+@example(seed=487, count=19, crashes=3)
 def test_random_changes_survive_crashes_on_a_failing_link(
         tmp_path_factory: pytest.TempPathFactory, allow_log_warnings: None, seed: int,
         count: int, crashes: int) -> None:

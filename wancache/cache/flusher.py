@@ -864,13 +864,29 @@ class Flusher:
             res = await self.nodes.on(c.node, c.cred, lambda fh: self.client.link(
                 fh, self._fh(parent), c.name, c.cred))
         except NfsError as exc:
-            if exc.status == Nfsstat3.NFS3ERR_EXIST and await self._is(parent, c.name, c.node,
-                                                                        c.cred):
+            if exc.status != Nfsstat3.NFS3ERR_EXIST:
+                raise
+            if await self._is(parent, c.name, c.node, c.cred):
                 return     # a repeat: the link is there
-            raise
+            if not self._replaced_since(p, ("n", parent, c.name)):
+                raise
+            # A repeat after a restart (or a lost reply) whose name a later change,
+            # which waited for it and may have run, has taken or removed since.
+            log.info("link %r was made before: the name has changed since",
+                     parent.child_path(c.name))
+            return
         self._h.dir_changed(parent, res.linkdir_wcc, c.name, added=c.node,
                             added_attrs=res.file_attributes)
         self._h.file_changed(c.node, res.file_attributes, sent)    # nlink, ctime
+
+    @staticmethod
+    def _replaced_since(p: Pending, key: Key) -> bool:
+        """Has a later change of name `key`, one that waited for `p` (so ran only once
+        `p` had run), possibly reached the server (replayed, or sent before)?"""
+        if not (p.maybe_sent or p.change.replayed):
+            return False
+        return any(key in d.writes and (d.maybe_sent or d.change.replayed)
+                   for d in p.dependents)
 
     async def _done_before(self, p: Pending, parent: Node, name: bytes) -> bool | None:
         """A REMOVE or RENAME that may have reached the server already (replayed after a
