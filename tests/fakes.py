@@ -602,7 +602,10 @@ class FakeNfs:
             for name in ("mode", "uid", "gid"):
                 if getattr(attrs, name) is not None:
                     changes[name] = getattr(attrs, name)
+            mtime = node.attrs.mtime
             self._touch(node, **changes)
+            if attrs.size is None:      # a chmod or chown changes the ctime only
+                node.attrs = replace(node.attrs, mtime=mtime)
             for name in ("atime", "mtime"):     # client times (the server's: _touch did it)
                 if isinstance(getattr(attrs, name), NfsTime):
                     node.attrs = replace(node.attrs, **{name: getattr(attrs, name)})
