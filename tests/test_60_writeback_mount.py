@@ -221,6 +221,47 @@ def test_full_cache_disk(export: Export, mount_factory: MountFactory, tmp_path: 
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
+def test_after_a_crash_the_saved_metadata_is_not_served_disconnected(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None) -> None:
+    """The soak: after a kill -9, while the link was down, the mount served the state
+    saved before the crash (new files at size 0, listings without the files made
+    since), and `rm -rf` by that listing left files on the server."""
+    (export.raw_path / "d").mkdir()
+    (export.raw_path / "d" / "f").write_bytes(b"cached contents")
+    with WanEmulatorThread(("127.0.0.1", export.server.nfs_port), LinkProfile()) as nfs_wan, \
+            WanEmulatorThread(("127.0.0.1", export.server.mount_port), LinkProfile()) as mnt_wan:
+        opts = ["timeout=2", "timeo=1", "writeback_delay=0"]
+        first = mount_factory(opts, nfs_port=nfs_wan.port, mount_port=mnt_wan.port, name="c")
+        assert os.listdir(first.mountpoint / "d") == ["f"]
+        first.unmount()                    # saves the metadata caches: d holds f
+        second = mount_factory(opts, nfs_port=nfs_wan.port, mount_port=mnt_wan.port, name="c")
+        os.rename(second.mountpoint / "d" / "f", second.mountpoint / "d" / "g")
+        second.flush()
+        assert wait_until(lambda: second.request("stats")["journal"]["records_pending"] == 0,
+                          30), "the journal to empty"
+        second.kill(signal.SIGKILL)        # no save since the rename: the saved state is old
+        assert export.nfs_ls("d") == ["g"]
+        nfs_wan.stop()
+        mnt_wan.stop()
+        third = mount_factory(opts, nfs_port=nfs_wan.port, mount_port=mnt_wan.port, name="c")
+        assert "mounting disconnected" in third.log()
+        try:
+            names = os.listdir(third.mountpoint / "d")
+        except OSError:
+            names = None                   # unknown while disconnected: fine
+        assert names != ["f"], "the state saved before the crash was served"
+        nfs_wan.start()
+        mnt_wan.start()
+        assert wait_until(lambda: _listdir(third.mountpoint / "d") == ["g"], 60)
+
+
+def _listdir(path: Path) -> list[str] | None:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return None
+
+
 def test_mount_while_the_server_is_away(export: Export, mount_factory: MountFactory,
                                         allow_log_warnings: None) -> None:
     (export.raw_path / "d").mkdir()

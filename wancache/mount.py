@@ -29,7 +29,13 @@ from wancache.cache.journal import Journal, JournalError
 from wancache.cache.node import Node
 from wancache.cache.nodes import NodeTable
 from wancache.cache.ownchanges import OwnChanges
-from wancache.cache.persist import SavedState, load_state, save_state
+from wancache.cache.persist import (
+    SavedState,
+    load_state,
+    mark_clean,
+    mark_in_use,
+    save_state,
+)
 from wancache.cache.store import Store, WritePolicy
 from wancache.cache.writeback import WriteBack
 from wancache.cache.writethrough import WriteThrough
@@ -197,11 +203,14 @@ async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = N
     return Components(cfg, client, store, blocks, journal, wb, flusher)
 
 
-async def _save(store: Store, cache_dir: Path) -> None:
-    """Save the metadata caches (a failure only costs a slower next start)."""
+async def _save(store: Store, cache_dir: Path, *, last: bool = False) -> None:
+    """Save the metadata caches (a failure only costs a slower next start); `last`:
+    at a clean unmount (see wancache.cache.persist)."""
     state = store.saved_state()
     try:
         await trio.to_thread.run_sync(save_state, cache_dir, state)
+        if last:
+            await trio.to_thread.run_sync(mark_clean, cache_dir)
     except OSError as exc:
         log.warning("could not save the metadata caches in %s: %s", cache_dir, exc)
 
@@ -302,6 +311,7 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
         try:
             await workers.start(_stop_on_signals)
             if cfg.cache_dir is not None and cfg.cache:
+                await trio.to_thread.run_sync(mark_in_use, cfg.cache_dir)
                 workers.start_soon(_save_periodically, store, cfg.cache_dir)
             await workers.start(KernelNotifier(store, ops.inodes).run)
             await workers.start(ControlServer(control_path, control_handlers(parts, ops)).run)
@@ -322,5 +332,5 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
                 if store.data is not None:
                     await store.data.settle()
                 if cfg.cache_dir is not None and cfg.cache:
-                    await _save(store, cfg.cache_dir)
+                    await _save(store, cfg.cache_dir, last=True)
             workers.cancel_scope.cancel()

@@ -8,6 +8,15 @@ unchanged, or, while the server cannot be reached, served as it was (the mount
 is then disconnected and says so).  A missing, damaged or foreign file is not an
 error: the caches simply start empty.  The cache directory is root-only, so
 pickle's trust-what-you-load is acceptable here.
+
+Serving saved entries while disconnected is right only for a state saved at a clean
+unmount.  A mount that serves marks the cache_dir (`state.inuse`) until its last
+save; a state found with the mark is from a run that died (kill -9, power loss), up
+to a minute after its last save, and may predate our own changes flushed since
+(served as it was, it would show a listing without the files made since, and the
+files in it at their old sizes).  Of such a state the listings and names are
+dropped: no path leads to its attributes while disconnected (they still serve the
+replay of the journal, as the handles it names).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 STATE_FILE = "state.pickle"
+IN_USE = "state.inuse"
 
 
 @dataclass
@@ -67,4 +77,34 @@ def load_state(cache_dir: Path, export: str) -> SavedState | None:
         return None
     if not isinstance(state, SavedState) or state.format != FORMAT or state.export != export:
         return None
+    if (cache_dir / IN_USE).exists():
+        log.info("the last mount did not end cleanly: its saved listings are not used")
+        state.listings, state.names = {}, {}
     return state
+
+
+def mark_in_use(cache_dir: Path) -> None:
+    """A mount serves from `cache_dir`: until `mark_clean`, a saved state may be stale."""
+    fd = os.open(cache_dir / IN_USE, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _sync_dir(cache_dir)
+
+
+def mark_clean(cache_dir: Path) -> None:
+    """The state just saved in `cache_dir` is that of a clean unmount."""
+    try:
+        os.unlink(cache_dir / IN_USE)
+    except FileNotFoundError:
+        return
+    _sync_dir(cache_dir)
+
+
+def _sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
