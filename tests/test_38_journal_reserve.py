@@ -207,6 +207,77 @@ async def test_the_reserve_is_taken_again_after_a_restart_cut_a_torn_tail(
         assert j.stats.reserve_bytes >= 256 << 10
 
 
+async def test_users_and_internal_records_in_one_group_on_a_full_disk(fs: Path) -> None:
+    """Concurrent appends share commit groups: in a group without room the users'
+    appends fail and the internal ones are durable; a replay finds exactly those."""
+    d = fs / "journal"
+    opts: dict[str, Any] = dict(reserve=64 << 10, reserve_per_record=512)
+    j = await Journal.open(d, **opts)
+    durable = [await j.append(b"first" * 100)]
+    fill(fs)
+    with pytest.raises(OSError):     # use up what lies past the reserve
+        for _ in range(10_000):
+            durable.append(await j.append(b"x" * 250))
+    outcome: dict[str, Any] = {}
+
+    async def one(name: str, internal: bool) -> None:
+        try:
+            outcome[name] = await j.append(name.encode() * 50, internal=internal)
+        except OSError as exc:
+            outcome[name] = exc
+
+    into_reserve = j.stats.reserve_writes
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(one, f"user{i}", False)
+            nursery.start_soon(one, f"bind{i}", True)
+    users = [outcome[f"user{i}"] for i in range(8)]
+    binds = [outcome[f"bind{i}"] for i in range(8)]
+    assert all(isinstance(s, int) for s in binds)
+    assert all(isinstance(u, int) or u.errno == errno.ENOSPC for u in users)
+    assert any(isinstance(u, OSError) for u in users)
+    assert j.stats.reserve_writes > into_reserve    # groups whose users were refused
+    durable += [s for s in users + binds if isinstance(s, int)]
+    assert list(j.pending_seqs()) == sorted(durable)
+    await j.close()
+    async with await Journal.open(d, **opts) as j:
+        assert list(j.pending_seqs()) == sorted(durable)
+        assert [j.read_sync(s) for s in binds] == [b"bind%d" % i * 50 for i in range(8)]
+
+
+async def test_compaction_on_a_full_disk_waits_and_loses_nothing(fs: Path) -> None:
+    d = fs / "journal"
+    opts: dict[str, Any] = dict(segment_size=32 << 10, reserve=64 << 10, reserve_per_record=0)
+    j = await Journal.open(d, **opts)
+    stuck = await j.append(b"stuck" * 100)
+    done = [await j.append(b"%d" % i * 1000) for i in range(100)]
+    fill(fs)
+    await j.complete(done[:-1])            # the oldest segment keeps only `stuck`
+    await j.compact()                      # no room for its copy: it waits
+    assert list(j.pending_seqs()) == [stuck, done[-1]]
+    await j.close()
+    unfill(fs)
+    async with await Journal.open(d, **opts) as j:
+        assert list(j.pending_seqs()) == [stuck, done[-1]]
+        assert j.read_sync(stuck) == b"stuck" * 100
+        assert await j.compact() >= 1      # room again: it moves
+        assert j.read_sync(stuck) == b"stuck" * 100
+
+
+async def test_no_reserve_when_asked_for_none_or_nothing_is_pending(tmp_path: Path) -> None:
+    d = tmp_path / "journal"
+    async with await Journal.open(d, reserve=0, reserve_per_record=0) as j:
+        seq = await j.append(b"a" * 10_000)
+        (seg,) = segs(d)
+        assert blocks(seg) < seg.stat().st_size + 8192 and j.stats.reserve_bytes == 0
+        await j.complete([seq])
+    async with await Journal.open(d, reserve=1 << 20) as j:
+        seq = await j.append(b"a" * 10_000)
+        assert j.stats.reserve_bytes >= 1 << 20
+        await j.complete([seq])            # all done: every byte given back
+        assert sum(blocks(p) for p in segs(d)) == 0 and j.stats.reserve_bytes == 0
+
+
 # --- the write-back layer on a full cache disk -----------------------------------------
 
 @asynccontextmanager

@@ -230,6 +230,7 @@ INLINE_SYNC = 0.001
 SCAN_BUFFER = 4 << 20  # read buffer of open and compaction
 COPY_CHUNK = 4 << 20  # compaction copies about this much per commit group ...
 COPY_SCAN = 16 << 20  # ... and reads at most this much of the old segment for it
+COPY_RETRY = 1.0  # seconds background compaction waits after the disk had no room for it
 MIN_MAX_BYTES = 4096
 _SEGMENT_RE = re.compile(r"seg-(\d{1,20})\.wj")
 _MASK64 = (1 << 64) - 1
@@ -321,7 +322,7 @@ class _Group:
     """Records queued for one write + fdatasync, and the outcome for their callers."""
 
     __slots__ = ("completed", "copied_to", "done", "error", "items", "nbytes", "refused",
-                 "user")
+                 "starved", "user")
 
     def __init__(self) -> None:
         self.items: list[_Item] = []
@@ -332,6 +333,7 @@ class _Group:
         self.error: BaseException | None = None
         self.user: set[int] = set()  # DATA seqs of users' appends (not `internal`)
         self.refused: set[int] = set()  # of those, the ones left out for lack of room
+        self.starved = False  # no room for its COPY items, and nothing else was written
 
 
 @dataclass
@@ -782,14 +784,27 @@ def _reserve_sync(plan: _WritePlan, fd: int) -> bool:
     return False
 
 
+def _room_sync(plan: _WritePlan, fd: int) -> bool:
+    """`_reserve_sync`, and if that finds no room, again without compaction's copies
+    (they wait: `plan.dropped_copies`)."""
+    if _reserve_sync(plan, fd):
+        return True
+    if not any(rtype == COPY for rtype, _, _ in plan.items):
+        return False
+    plan.items = [it for it in plan.items if it[0] != COPY]
+    plan.dropped_copies = True
+    return _reserve_sync(plan, fd)
+
+
 def _refuse_sync(plan: _WritePlan) -> None:
-    """No room for the reserve: leave out the users' records (they fail with ENOSPC) and
-    compaction's copies; the internal records (COMPLETE, DATA appended as internal) are
-    written into the reserve."""
+    """No room for the reserve: leave out the users' records (they fail with ENOSPC)
+    and compaction's copies; the internal records (COMPLETE, DATA appended as internal)
+    are written into the reserve."""
     keep = [it for it in plan.items if it[0] == COMPLETE or (
         it[0] == DATA and it[1] not in plan.user)]
     plan.refused = [seq for rtype, seq, _ in plan.items if rtype == DATA and seq in plan.user]
-    plan.dropped_copies = any(rtype == COPY for rtype, _, _ in plan.items)
+    plan.dropped_copies = plan.dropped_copies or any(
+        rtype == COPY for rtype, _, _ in plan.items)
     plan.items = keep
     plan.into_reserve = bool(keep)
 
@@ -806,7 +821,7 @@ def _start_segment_sync(plan: _WritePlan) -> None:
         fd = -1
     try:
         plan.allocated = 0
-        room = fd >= 0 and _reserve_sync(plan, fd)
+        room = fd >= 0 and _room_sync(plan, fd)
         if not room:
             _refuse_sync(plan)
             if plan.close_fd >= 0 or not plan.items:
@@ -862,7 +877,7 @@ def _write_sync(plan: _WritePlan) -> None:
     users' records are left out (`plan.refused`) and the rest goes into the reserve."""
     if plan.fd < 0:
         _start_segment_sync(plan)
-    elif not _reserve_sync(plan, plan.fd):
+    elif not _room_sync(plan, plan.fd):
         _refuse_sync(plan)
     if not plan.items:
         return
@@ -1163,6 +1178,7 @@ class Journal:
         self._space = trio.Event()  # set (and replaced) whenever room may have changed
         self._waiters: deque[object] = deque()  # appends waiting for room, oldest first
         self._compact: _Compaction | None = None
+        self._copies_wait_until = -math.inf  # no room for copies: background compaction waits
         self._closing = False
         self._closed = False
         self._broken: JournalError | None = None
@@ -1575,7 +1591,7 @@ class Journal:
                 changed = await self._copy_step(group, compact)
             if group.items:
                 await self._write_group(group)
-                changed = True
+                changed = not group.starved  # (no room for compaction: no progress)
                 if group.copied_to is not None and group.error is None and \
                         self._compact is not None:
                     self._advance(self._compact, group.copied_to)
@@ -1678,6 +1694,8 @@ class Journal:
                      "reserve; they are refused (ENOSPC)", self.directory, len(plan.refused))
         if plan.dropped_copies:
             group.copied_to = None  # compaction goes on later, from where it was
+            self._copies_wait_until = trio.current_time() + COPY_RETRY
+            group.starved = not plan.items
         if plan.into_reserve:
             self.stats.reserve_writes += 1
         if plan.released_old and self._segments:
@@ -1789,6 +1807,8 @@ class Journal:
 
     async def _copy_step(self, group: _Group, forced: bool) -> bool:
         """Put the next COPY records of the segment being evacuated in front of `group`."""
+        if not forced and trio.current_time() < self._copies_wait_until:
+            return False  # the disk had no room for them just now
         comp = self._compact
         if comp is not None and (not self._segments or comp.seg is not self._segments[0]):
             comp = self._compact = None  # deleted meanwhile: its records were completed
