@@ -830,6 +830,10 @@ def _start_segment_sync(plan: _WritePlan) -> None:
                     fd = -1
                     with contextlib.suppress(OSError):
                         os.unlink(plan.path)
+                        # gone for good before the active segment grows again: a
+                        # later (empty) segment would make its last group a middle one
+                        plan.fsyncs += 1
+                        os.fsync(plan.dir_fd)
                 if plan.close_fd >= 0:  # go on in the active segment
                     assert plan.old_path is not None
                     plan.fd, plan.close_fd = plan.close_fd, -1
