@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import subprocess
@@ -112,8 +113,13 @@ def segs(d: Path) -> list[Path]:
 
 # --- the journal alone ---------------------------------------------------------------
 
+def full_disk_warnings(caplog: pytest.LogCaptureFixture) -> int:
+    return sum("the disk is full" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.get_records("call"))
+
+
 async def test_internal_records_are_written_on_a_full_disk_user_appends_refused(
-        fs: Path) -> None:
+        fs: Path, caplog: pytest.LogCaptureFixture, allow_log_warnings: None) -> None:
     d = fs / "journal"
     j = await Journal.open(d, segment_size=1 * MIB, reserve=64 << 10, reserve_per_record=512)
     users = [await j.append(b"u%d" % i * 500) for i in range(50)]
@@ -127,11 +133,15 @@ async def test_internal_records_are_written_on_a_full_disk_user_appends_refused(
     assert info.value.errno == errno.ENOSPC
     assert j.stats.disk_refusals == 1
     assert j.stats.reserve_bytes >= (64 << 10) + 512 * len(users)
+    for _ in range(5):
+        with pytest.raises(OSError):
+            await j.append(b"x" * 4000)
+    assert full_disk_warnings(caplog) == 1      # once, not for every refused write
     binds = [await j.append(b"bind %d" % i * 20, internal=True) for i in range(40)]
     await j.complete(users[:30])
     await j.complete(binds[:10])
     assert j.stats.reserve_writes > 0           # they went into the reserve
-    assert j.stats.disk_refusals == 1
+    assert j.stats.disk_refusals == 6
     await j.close()
 
     # kill -9 and remount on the still full disk: replay finds what was written, and
@@ -155,7 +165,7 @@ async def test_internal_records_are_written_on_a_full_disk_user_appends_refused(
 
 
 async def test_an_internal_group_that_needs_a_new_segment_uses_the_old_ones_reserve(
-        fs: Path) -> None:
+        fs: Path, allow_log_warnings: None) -> None:
     """The active segment is at segment_size and the disk is full: a new segment could
     not be reserved, so internal records go on in the old one, past segment_size."""
     d = fs / "journal"
@@ -207,7 +217,8 @@ async def test_the_reserve_is_taken_again_after_a_restart_cut_a_torn_tail(
         assert j.stats.reserve_bytes >= 256 << 10
 
 
-async def test_users_and_internal_records_in_one_group_on_a_full_disk(fs: Path) -> None:
+async def test_users_and_internal_records_in_one_group_on_a_full_disk(
+        fs: Path, allow_log_warnings: None) -> None:
     """Concurrent appends share commit groups: in a group without room the users'
     appends fail and the internal ones are durable; a replay finds exactly those."""
     d = fs / "journal"
@@ -335,8 +346,8 @@ def record_ops(journal: Journal) -> list[Op]:
 
 
 @pytest.mark.parametrize("kind", ["tmpfs", "ext4"])
-async def test_a_full_cache_disk_loses_nothing_across_kill_9(tmp_path: Path,
-                                                            kind: str) -> None:
+async def test_a_full_cache_disk_loses_nothing_across_kill_9(
+        tmp_path: Path, kind: str, allow_log_warnings: None) -> None:
     """The soak's loss: with the cache disk full the flusher still binds what it made
     on the server and marks its changes done; after kill -9 and a remount nothing is
     replayed, nothing goes to lost+found, and the server has every acknowledged change

@@ -1183,6 +1183,7 @@ class Journal:
         self._waiters: deque[object] = deque()  # appends waiting for room, oldest first
         self._compact: _Compaction | None = None
         self._copies_wait_until = -math.inf  # no room for copies: background compaction waits
+        self._refusing = False  # users' appends are refused for lack of disk (logged once)
         self._closing = False
         self._closed = False
         self._broken: JournalError | None = None
@@ -1694,8 +1695,15 @@ class Journal:
             self._reserve = self._reserve_per_record = 0
         if plan.refused:
             group.refused.update(plan.refused)
-            log.info("journal %s: the disk has no room for %d records of users and the "
-                     "reserve; they are refused (ENOSPC)", self.directory, len(plan.refused))
+            if not self._refusing:
+                log.warning("journal %s: the disk is full: users' changes are refused "
+                            "(ENOSPC) until there is room again; the reserve is kept for "
+                            "what is already on the server", self.directory)
+            self._refusing = True
+        elif self._refusing and plan.user and plan.items:
+            log.info("journal %s: room on the disk again: users' changes are taken",
+                     self.directory)
+            self._refusing = False
         if plan.dropped_copies:
             group.copied_to = None  # compaction goes on later, from where it was
             self._copies_wait_until = trio.current_time() + COPY_RETRY
