@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from tests.fakes import FakeNfs
+from wancache.cache import journal as jmod
 from wancache.cache.flusher import FlushStats
 from wancache.cache.journal import Journal
 from wancache.cache.records import PREFIX, Op, decode_op, header_length
@@ -287,6 +288,25 @@ async def test_no_reserve_when_asked_for_none_or_nothing_is_pending(tmp_path: Pa
         assert j.stats.reserve_bytes >= 1 << 20
         await j.complete([seq])            # all done: every byte given back
         assert sum(blocks(p) for p in segs(d)) == 0 and j.stats.reserve_bytes == 0
+
+
+async def test_a_file_system_that_cannot_preallocate_runs_without_a_reserve(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        allow_log_warnings: None) -> None:
+    def unsupported(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(jmod, "_fallocate", unsupported)
+    d = tmp_path / "journal"
+    async with await Journal.open(d) as j:
+        seqs = [await j.append(b"a" * 1000) for _ in range(20)]
+        seqs.append(await j.append(b"b", internal=True))
+        assert j.stats.reserve_bytes == 0 and j.stats.disk_refusals == 0
+    warned = [r for r in caplog.get_records("call") if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "cannot preallocate" in warned[0].getMessage()
+    monkeypatch.undo()
+    async with await Journal.open(d) as j:
+        assert list(j.pending_seqs()) == seqs
 
 
 # --- the write-back layer on a full cache disk -----------------------------------------

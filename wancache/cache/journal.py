@@ -245,7 +245,7 @@ RESERVE = 1 << 20
 RESERVE_PER_RECORD = 512    # a COMPLETE marker, and one small internal record with its own
 RESERVE_SLACK = 256 << 10
 _FALLOC_FL_KEEP_SIZE = 0x01
-_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS)
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # no KEEP_SIZE here
 
 _Item = tuple[int, int, bytes]  # (type, seq, payload) of one record to write
 
