@@ -87,14 +87,18 @@ allocated past its end with fallocate(2) ``FALLOC_FL_KEEP_SIZE`` (the file size,
 replay and the cap see, is unchanged; writes into those blocks cannot fail for lack of
 room, on ext4 and tmpfs alike).  Before each group is written, the group plus the
 reserve is allocated (``RESERVE_SLACK`` more at a time).  If the disk has not that much
-room, the users' records of the group are left out and their appends fail with ENOSPC
-(nothing of them is written or acknowledged), compaction's copies wait, and the internal
-records are written into the reserve; a group that would start a new segment then stays
-in the active one, past ``segment_size``.  A new segment takes the reserve before the
-old one gives its own back (ftruncate to its size frees what lies past the end).  After a
-restart, `open` allocates the reserve again.  With nothing pending no reserve is kept, so
-a finished journal still takes no disk.  A file system that cannot preallocate
-(EOPNOTSUPP) is logged once and runs without a reserve.
+room, compaction's copies wait first (background compaction tries again after
+``COPY_RETRY``); if it still has not, the users' records of the group are left out and
+their appends fail with ENOSPC (nothing of them is written or acknowledged, logged once
+while it lasts), and the internal records are written into the reserve; a group that
+would start a new segment then stays in the active one, past ``segment_size``.  A new
+segment takes the reserve before the old one gives its own back (ftruncate to its size
+frees what lies past the end).  After a restart, `open` allocates the reserve again.
+With nothing pending no reserve is kept, so a finished journal still takes no disk.  The
+reserve is sized, not unbounded: internal records beyond it (say, a BASE at every retry
+of a long outage while the disk stays full) can still fail with ENOSPC, as any failed
+write does.  A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is logged once
+and runs without a reserve.
 
 Compaction
 ----------
