@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tests.fakes import FakeNfs
 from wancache.cache import journal as jmod
@@ -505,3 +506,38 @@ async def test_failed_completions_are_written_later(tmp_path: Path,
     async with stack(tmp_path, jdir, fake) as store:
         assert wb(store).pending_ops == 0
     assert fake.tree() == {"d": {"f": b"data"}}
+
+
+async def test_drain_waits_for_the_completion_being_written(tmp_path: Path) -> None:
+    """drain() returned while the batch of completions was being written (the queue was
+    already empty), so the records it was waiting for were still pending."""
+    fake = FakeNfs()
+    jdir = tmp_path / "journal"
+    journal = await Journal.open(jdir)
+    real = journal.complete
+    taken, gate = trio.Event(), trio.Event()
+
+    async def complete(seqs: Any) -> None:
+        taken.set()
+        await gate.wait()
+        await real(seqs)
+
+    journal.complete = complete  # type: ignore[method-assign]
+    async with stack(tmp_path, jdir, fake, crash=True, journal=journal) as store:
+        f, _ = await store.create(store.root, b"f", 0o644, ROOT, exclusive=True)
+        await store.write(f, 0, b"data", ROOT)
+        with trio.fail_after(20):
+            await wb(store).sync()
+            await taken.wait()                      # the batch is being written
+        drained = trio.Event()
+
+        async def drain() -> None:
+            await wb(store).drain()
+            drained.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(drain)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not drained.is_set() and journal.pending_seqs()
+            gate.set()
+        assert not journal.pending_seqs()

@@ -77,28 +77,28 @@ in between leaves a suffix of the segments, whose records' markers are all in it
 
 The disk reserve
 ----------------
-Some records say what already happened on the server: COMPLETE markers, and DATA
-records appended as ``internal`` (the write-back layer's BIND, the handle the server gave
-a node made here, and BASE).  Refusing one of those for lack of disk, while users' writes
-took the last bytes, loses track of the server's state across a crash.  So while records
-are pending, the active segment keeps ``reserve`` + ``reserve_per_record`` bytes per record
+Some records say what already happened on the server: COMPLETE markers, and DATA records
+appended as ``internal`` (the write-back layer's BIND, the handle the server gave a node
+made here, and BASE).  Refusing one of those for lack of disk, while users' writes took
+the last bytes, loses track of the server's state across a crash.  So while records are
+pending, the active segment keeps ``reserve`` + ``reserve_per_record`` bytes per record
 not yet completed (defaults 1 MiB + 512: one marker and one small internal record each)
-allocated past its end with fallocate(2) ``FALLOC_FL_KEEP_SIZE`` (the file size, all that
-replay and the cap see, is unchanged; writes into those blocks cannot fail for lack of
-room, on ext4 and tmpfs alike).  Before each group is written, the group plus the
-reserve is allocated (``RESERVE_SLACK`` more at a time).  If the disk has not that much
+allocated past its end with fallocate(2) ``FALLOC_FL_KEEP_SIZE`` (the file size, all
+that replay and the cap see, is unchanged; writes into those blocks cannot fail for lack
+of room, on ext4 and tmpfs alike). Before each group is written, the group plus the
+reserve is allocated (``RESERVE_SLACK`` more at a time). If the disk has not that much
 room, compaction's copies wait first (background compaction tries again after
 ``COPY_RETRY``); if it still has not, the users' records of the group are left out and
-their appends fail with ENOSPC (nothing of them is written or acknowledged, logged once
-while it lasts), and the internal records are written into the reserve; a group that
-would start a new segment then stays in the active one, past ``segment_size``.  A new
-segment takes the reserve before the old one gives its own back (ftruncate to its size
-frees what lies past the end).  After a restart, `open` allocates the reserve again.
-With nothing pending no reserve is kept, so a finished journal still takes no disk.  The
-reserve is sized, not unbounded: internal records beyond it (say, a BASE at every retry
-of a long outage while the disk stays full) can still fail with ENOSPC, as any failed
-write does.  A file system that cannot preallocate (EOPNOTSUPP, EINVAL) is logged once
-and runs without a reserve.
+their appends fail with ENOSPC (nothing of them is written or acknowledged; a warning at
+most every ``REFUSAL_LOG_EVERY``), and the internal records are written into the
+reserve; a group that would start a new segment then stays in the active one, past
+``segment_size``. A new segment takes the reserve before the old one gives its own back
+(ftruncate to its size frees what lies past the end). After a restart, `open` allocates
+the reserve again.  With nothing pending no reserve is kept, so a finished journal still
+takes no disk.  The reserve is sized, not unbounded: internal records beyond it (say, a
+BASE at every retry of a long outage while the disk stays full) can still fail with
+ENOSPC, as any failed write does.  A file system that cannot preallocate (EOPNOTSUPP,
+EINVAL) is logged once and runs without a reserve.
 
 Compaction
 ----------
@@ -248,6 +248,7 @@ _MAX_IDENT = 1 << (64 - _OFFSET_BITS)
 RESERVE = 1 << 20
 RESERVE_PER_RECORD = 512    # a COMPLETE marker, and one small internal record with its own
 RESERVE_SLACK = 256 << 10
+REFUSAL_LOG_EVERY = 60.0  # seconds between warnings that users' appends are refused
 _FALLOC_FL_KEEP_SIZE = 0x01
 _NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # no KEEP_SIZE here
 
@@ -1187,7 +1188,7 @@ class Journal:
         self._waiters: deque[object] = deque()  # appends waiting for room, oldest first
         self._compact: _Compaction | None = None
         self._copies_wait_until = -math.inf  # no room for copies: background compaction waits
-        self._refusing = False  # users' appends are refused for lack of disk (logged once)
+        self._refusal_log_at = -math.inf  # when refusing users for lack of disk is logged next
         self._closing = False
         self._closed = False
         self._broken: JournalError | None = None
@@ -1699,15 +1700,12 @@ class Journal:
             self._reserve = self._reserve_per_record = 0
         if plan.refused:
             group.refused.update(plan.refused)
-            if not self._refusing:
+            now = trio.current_time()
+            if now >= self._refusal_log_at:  # (near full, room comes and goes: once a while)
                 log.warning("journal %s: the disk is full: users' changes are refused "
-                            "(ENOSPC) until there is room again; the reserve is kept for "
-                            "what is already on the server", self.directory)
-            self._refusing = True
-        elif self._refusing and plan.user and plan.items:
-            log.info("journal %s: room on the disk again: users' changes are taken",
-                     self.directory)
-            self._refusing = False
+                            "(ENOSPC) while it is; its reserve is kept for records of what "
+                            "is already on the server", self.directory)
+                self._refusal_log_at = now + REFUSAL_LOG_EVERY
         if plan.dropped_copies:
             group.copied_to = None  # compaction goes on later, from where it was
             self._copies_wait_until = trio.current_time() + COPY_RETRY

@@ -108,6 +108,7 @@ class WriteBack:
         self._completing = trio.Event()
         self._completed = trio.Event()
         self._complete_failed = False     # the last journal.complete failed (kept, retried)
+        self._marking = 0                 # records whose marking done is being written
         self._lost_dir = (cfg.cache_dir or Path("/tmp")) / "lost+found"
         flusher.base_version = self._current_base
         flusher.also_ours = self._also_ours
@@ -353,6 +354,7 @@ class WriteBack:
             seqs, self._to_complete = self._to_complete, []
             if not seqs:
                 continue
+            self._marking = len(seqs)
             try:
                 await self.journal.complete(seqs)
             except OSError as exc:
@@ -368,6 +370,7 @@ class WriteBack:
                 log.warning("could not mark %d write-back records done: %s", len(seqs), exc)
             else:
                 self._complete_failed = False
+            self._marking = 0
             self._completed.set()
             self._completed = trio.Event()
 
@@ -390,7 +393,7 @@ class WriteBack:
         """Wait until every finished change is also marked done in the journal (or
         marking them failed: they stay queued; after a restart they replay, as after a
         crash)."""
-        while self._to_complete and not self._complete_failed:
+        while (self._to_complete or self._marking) and not self._complete_failed:
             await self._completed.wait()
 
     def _complete(self, seqs: list[int]) -> None:
