@@ -42,7 +42,8 @@ time (the leader) takes the oldest queued group and writes it with one ``pwrite`
 one ``fdatasync`` in a worker thread; whoever arrives meanwhile queues into the next
 group, which the first of them to wake writes next.  So N concurrent appends cost a
 handful of fdatasyncs, not N.  A group is closed once it holds a segment's worth of
-bytes, so no segment grows beyond ``segment_size`` (unless one `append_many` is larger).
+bytes, so no segment grows beyond ``segment_size`` (unless one `append_many` is larger,
+or internal records went on in the disk reserve, below).
 The waits are shielded from cancellation: an append either returns its seq or raises,
 so a durable record is never orphaned by a cancelled caller.
 
@@ -73,6 +74,31 @@ Once nothing is pending or being appended, the newest segment goes too: the jour
 first creates a new, empty newest segment (its name keeps the seqs increasing; its
 directory entry fsync-ed), then deletes every older one oldest-first as above.  A crash
 in between leaves a suffix of the segments, whose records' markers are all in it.
+
+The disk reserve
+----------------
+Some records say what already happened on the server: COMPLETE markers, and DATA records
+appended as ``internal`` (the write-back layer's BIND, the handle the server gave a node
+made here, and BASE).  Refusing one of those for lack of disk, while users' writes took
+the last bytes, loses track of the server's state across a crash.  So while records are
+pending, the active segment keeps ``reserve`` + ``reserve_per_record`` bytes per record
+not yet completed (defaults 1 MiB + 512: one marker and one small internal record each)
+allocated past its end with fallocate(2) ``FALLOC_FL_KEEP_SIZE`` (the file size, all
+that replay and the cap see, is unchanged; writes into those blocks cannot fail for lack
+of room, on ext4 and tmpfs alike). Before each group is written, the group plus the
+reserve is allocated (``RESERVE_SLACK`` more at a time). If the disk has not that much
+room, compaction's copies wait first (background compaction tries again after
+``COPY_RETRY``); if it still has not, the users' records of the group are left out and
+their appends fail with ENOSPC (nothing of them is written or acknowledged; a warning at
+most every ``REFUSAL_LOG_EVERY``), and the internal records are written into the
+reserve; a group that would start a new segment then stays in the active one, past
+``segment_size``. A new segment takes the reserve before the old one gives its own back
+(ftruncate to its size frees what lies past the end). After a restart, `open` allocates
+the reserve again.  With nothing pending no reserve is kept, so a finished journal still
+takes no disk.  The reserve is sized, not unbounded: internal records beyond it (say, a
+BASE at every retry of a long outage while the disk stays full) can still fail with
+ENOSPC, as any failed write does.  A file system that cannot preallocate (EOPNOTSUPP,
+EINVAL) is logged once and runs without a reserve.
 
 Compaction
 ----------
@@ -109,7 +135,9 @@ bytes, so 52 bytes per record in P are reserved for it.  An append of X bytes (n
 records) is admitted only when D + X + 52 (P + n) <= max_bytes - segment_size; it
 otherwise waits (oldest first), cancellably, until completions, deletions or compaction
 make room, or fails with ENOSPC at the `deadline` its caller passed.  COMPLETE records
-are always admitted: they cost no more than their reservation.  The segment_size
+are always admitted: they cost no more than their reservation.  (The cap counts file
+sizes: the disk reserve, allocated past the end, is outside it, and is at most a quarter
+of the cap plus ``reserve_per_record`` per pending record.)  The segment_size
 held back pays for compaction: it copies at most one segment (<= segment_size) before
 that segment is deleted, and each copy group is checked against the cap before it is
 written.  An append larger than a segment is refused with ENOSPC under a cap.
@@ -148,8 +176,9 @@ path, kept for callers that have not moved to `pending_seqs` and `read`.
 Errors
 ------
 A failed write or fdatasync (ENOSPC, EIO) cuts the segment back to the end of the last
-durable group and fdatasyncs it, then fails every caller of that group with an
-``OSError`` of the same errno; none of them is durable and the journal stays usable.  If
+durable group and fdatasyncs it (and allocates the reserve again), then fails every caller
+of that group with an ``OSError`` of the same errno; none of them is durable and the
+journal stays usable.  If
 that cutting back fails too, the journal is disabled (`JournalError`) and the next
 `open` treats the leftover as a torn tail.  A failure to delete, create or compact a
 segment is logged and leaves the files as they were (nothing is lost, space is not yet
@@ -159,6 +188,7 @@ given back).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import functools
@@ -176,6 +206,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 import xxhash
@@ -203,12 +234,23 @@ INLINE_SYNC = 0.001
 SCAN_BUFFER = 4 << 20  # read buffer of open and compaction
 COPY_CHUNK = 4 << 20  # compaction copies about this much per commit group ...
 COPY_SCAN = 16 << 20  # ... and reads at most this much of the old segment for it
+COPY_RETRY = 1.0  # seconds background compaction waits after the disk had no room for it
 MIN_MAX_BYTES = 4096
 _SEGMENT_RE = re.compile(r"seg-(\d{1,20})\.wj")
 _MASK64 = (1 << 64) - 1
 _OFFSET_BITS = 40  # an index place is segment ident << 40 | payload offset
 _MASK_OFFSET = (1 << _OFFSET_BITS) - 1
 _MAX_IDENT = 1 << (64 - _OFFSET_BITS)
+# The disk reserve (see "The disk reserve" in the module doc): while records are pending
+# the active segment keeps RESERVE + RESERVE_PER_RECORD bytes a pending record allocated
+# past its end, for the internal records (BIND, COMPLETE, ...) that must never meet a full
+# disk; it grows RESERVE_SLACK at a time, so most appends need no fallocate.
+RESERVE = 1 << 20
+RESERVE_PER_RECORD = 512    # a COMPLETE marker, and one small internal record with its own
+RESERVE_SLACK = 256 << 10
+REFUSAL_LOG_EVERY = 60.0  # seconds between warnings that users' appends are refused
+_FALLOC_FL_KEEP_SIZE = 0x01
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # no KEEP_SIZE here
 
 _Item = tuple[int, int, bytes]  # (type, seq, payload) of one record to write
 
@@ -261,6 +303,9 @@ class JournalStats:
     bytes_copied: int = 0  # record bytes compaction wrote again
     space_waits: int = 0  # appends that waited for room under max_bytes
     space_refusals: int = 0  # appends refused with ENOSPC under max_bytes
+    disk_refusals: int = 0  # users' appends refused with ENOSPC: no room for the reserve
+    reserve_writes: int = 0  # groups written into the reserve (the disk had no more room)
+    reserve_bytes: int = 0  # allocated past the end of the active segment
 
 
 @dataclass(eq=False)
@@ -275,12 +320,14 @@ class _Segment:
     readers: int = 0  # reads using rfd right now
     gone: bool = False  # deleted: the last reader closes rfd
     stuck: bool = False  # compaction found it damaged: never compact it again
+    allocated: int = 0  # bytes from 0 known to be allocated (the reserve past `size`)
 
 
 class _Group:
     """Records queued for one write + fdatasync, and the outcome for their callers."""
 
-    __slots__ = ("completed", "copied_to", "done", "error", "items", "nbytes")
+    __slots__ = ("completed", "copied_to", "done", "error", "items", "nbytes", "refused",
+                 "starved", "user")
 
     def __init__(self) -> None:
         self.items: list[_Item] = []
@@ -289,6 +336,9 @@ class _Group:
         self.copied_to: int | None = None  # compaction cursor once its COPY items are durable
         self.done = False
         self.error: BaseException | None = None
+        self.user: set[int] = set()  # DATA seqs of users' appends (not `internal`)
+        self.refused: set[int] = set()  # of those, the ones left out for lack of room
+        self.starved = False  # no room for its COPY items, and nothing else was written
 
 
 @dataclass
@@ -306,6 +356,19 @@ class _WritePlan:
     nbytes: int = 0
     fsyncs: int = 0
     recovery_error: OSError | None = None
+    # the disk reserve (see the module doc)
+    reserve: int = 0  # bytes to keep allocated after the group (0: none)
+    user: set[int] = field(default_factory=set)  # the users' DATA seqs among `items`
+    allocated: int = 0  # the segment written to is allocated up to here (known)
+    old_path: Path | None = None  # a new segment: the active one it follows ...
+    old_first_seq: int = 0
+    old_size: int = 0
+    old_allocated: int = 0
+    refused: list[int] = field(default_factory=list)  # users' seqs left out: no room
+    dropped_copies: bool = False  # COPY items left out: no room
+    into_reserve: bool = False  # written without room for the reserve after it
+    released_old: bool = False  # the old active segment's reserve was given back
+    unsupported: bool = False  # the file system cannot preallocate
 
 
 @dataclass
@@ -680,6 +743,127 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         view = view[n:]
 
 
+def _libc_fallocate() -> Any:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).fallocate
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate_fn = _libc_fallocate()
+
+
+def _fallocate(fd: int, offset: int, length: int) -> None:
+    """Allocate file bytes offset..offset+length without changing the file's size
+    (fallocate(2) with FALLOC_FL_KEEP_SIZE): writes there cannot fail for lack of room."""
+    if _fallocate_fn is None:
+        raise OSError(errno.ENOSYS, "fallocate is not available")
+    while _fallocate_fn(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def _reserve_sync(plan: _WritePlan, fd: int) -> bool:
+    """Allocate room for the group of `plan` and the reserve after it; False if the disk
+    has not that much room (nothing is written then)."""
+    end = plan.offset + _frames(plan.items)
+    want = end + plan.reserve
+    if not plan.reserve or want <= plan.allocated:
+        return True
+    for extra in (RESERVE_SLACK, 0):
+        try:
+            _fallocate(fd, plan.offset, want + extra - plan.offset)
+        except OSError as err:
+            if err.errno in _NO_FALLOCATE:
+                plan.unsupported = True
+                return True
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            continue
+        plan.allocated = max(plan.allocated, want + extra)
+        return True
+    return False
+
+
+def _room_sync(plan: _WritePlan, fd: int) -> bool:
+    """`_reserve_sync`, and if that finds no room, again without compaction's copies
+    (they wait: `plan.dropped_copies`)."""
+    if _reserve_sync(plan, fd):
+        return True
+    if not any(rtype == COPY for rtype, _, _ in plan.items):
+        return False
+    plan.items = [it for it in plan.items if it[0] != COPY]
+    plan.dropped_copies = True
+    return _reserve_sync(plan, fd)
+
+
+def _refuse_sync(plan: _WritePlan) -> None:
+    """No room for the reserve: leave out the users' records (they fail with ENOSPC)
+    and compaction's copies; the internal records (COMPLETE, DATA appended as internal)
+    are written into the reserve."""
+    keep = [it for it in plan.items if it[0] == COMPLETE or (
+        it[0] == DATA and it[1] not in plan.user)]
+    plan.refused = [seq for rtype, seq, _ in plan.items if rtype == DATA and seq in plan.user]
+    plan.dropped_copies = plan.dropped_copies or any(
+        rtype == COPY for rtype, _, _ in plan.items)
+    plan.items = keep
+    plan.into_reserve = bool(keep)
+
+
+def _start_segment_sync(plan: _WritePlan) -> None:
+    """Create the new segment of `plan` with room for its group and the reserve, make its
+    name durable and give back the reserve of the segment it follows.  Without room,
+    the internal records of the group go on in that segment's reserve instead."""
+    try:
+        fd = os.open(plan.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or plan.close_fd < 0:
+            raise
+        fd = -1
+    try:
+        plan.allocated = 0
+        room = fd >= 0 and _room_sync(plan, fd)
+        if not room:
+            _refuse_sync(plan)
+            if plan.close_fd >= 0 or not plan.items:
+                if fd >= 0:
+                    os.close(fd)
+                    fd = -1
+                    with contextlib.suppress(OSError):
+                        os.unlink(plan.path)
+                        # gone for good before the active segment grows again: a
+                        # later (empty) segment would make its last group a middle one
+                        plan.fsyncs += 1
+                        os.fsync(plan.dir_fd)
+                if plan.close_fd >= 0:  # go on in the active segment
+                    assert plan.old_path is not None
+                    plan.fd, plan.close_fd = plan.close_fd, -1
+                    plan.path, plan.first_seq = plan.old_path, plan.old_first_seq
+                    plan.offset, plan.allocated = plan.old_size, plan.old_allocated
+                return
+            assert fd >= 0  # (a failed create falls back to the active segment)
+        plan.fsyncs += 1
+        os.fsync(plan.dir_fd)  # the new name is durable before any record in it is
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(plan.path)
+        raise
+    plan.fd = plan.created_fd = fd
+    if plan.close_fd >= 0:
+        if plan.reserve and not plan.unsupported:
+            with contextlib.suppress(OSError):  # its blocks past the end are free again
+                os.ftruncate(plan.close_fd, plan.old_size)
+                plan.released_old = True
+        os.close(plan.close_fd)
+        plan.close_fd = -1
+
+
 def _create_sync(path: Path, dir_fd: int, close_fd: int) -> tuple[int, int]:
     """Create segment `path`, make its name durable, close `close_fd`: (fd, fsyncs)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -696,12 +880,17 @@ def _create_sync(path: Path, dir_fd: int, close_fd: int) -> tuple[int, int]:
 
 
 def _write_sync(plan: _WritePlan) -> None:
-    """Write one group and fdatasync it; on failure cut the segment back to `plan.offset`."""
+    """Write one group and fdatasync it; on failure cut the segment back to `plan.offset`.
+
+    First the room: the group and the reserve after it are allocated; without room the
+    users' records are left out (`plan.refused`) and the rest goes into the reserve."""
+    if plan.fd < 0:
+        _start_segment_sync(plan)
+    elif not _room_sync(plan, plan.fd):
+        _refuse_sync(plan)
+    if not plan.items:
+        return
     fd = plan.fd
-    if fd < 0:
-        fd, fsyncs = _create_sync(plan.path, plan.dir_fd, plan.close_fd)
-        plan.fsyncs += fsyncs
-        plan.created_fd = fd
     data = _encode_group(plan.items, plan.first_seq, plan.offset)
     try:
         _pwrite_all(fd, data, plan.offset)
@@ -715,8 +904,41 @@ def _write_sync(plan: _WritePlan) -> None:
             os.fdatasync(fd)
         except OSError as err:
             plan.recovery_error = err
+        if plan.allocated > plan.offset:
+            try:  # the cut gave back the blocks past the end: take the reserve again
+                _fallocate(fd, plan.offset, plan.allocated - plan.offset)
+            except OSError:
+                plan.allocated = plan.offset
         raise
     plan.nbytes = len(data)
+
+
+def _roll_sync(path: Path, dir_fd: int, close_fd: int, old_size: int,
+               reserve: int) -> tuple[int, int, int]:
+    """Create the empty segment `path` (durably named) with `reserve` bytes allocated,
+    give back the reserve of the segment `close_fd` (`old_size` bytes) if that worked,
+    close it: (fd, fsyncs, bytes allocated)."""
+    fd, fsyncs = _create_sync(path, dir_fd, -1)
+    allocated = 0
+    if reserve:
+        with contextlib.suppress(OSError):
+            _fallocate(fd, 0, reserve)
+            allocated = reserve
+    if close_fd >= 0:
+        if allocated:
+            with contextlib.suppress(OSError):
+                os.ftruncate(close_fd, old_size)
+        os.close(close_fd)
+    return fd, fsyncs, allocated
+
+
+def _top_up_sync(fd: int, size: int, reserve: int) -> int:
+    """Allocate `reserve` bytes past `size` (best effort): the end of what is allocated."""
+    try:
+        _fallocate(fd, size, reserve)
+    except OSError:
+        return size
+    return size + reserve
 
 
 def _unlink_sync(paths: list[Path], dir_fd: int,
@@ -936,12 +1158,15 @@ class Journal:
     stats: JournalStats
 
     def __init__(self, directory: Path, dir_fd: int, loaded: _Loaded, *, segment_size: int,
-                 max_bytes: int | None, limiter: trio.CapacityLimiter | None) -> None:
+                 max_bytes: int | None, limiter: trio.CapacityLimiter | None,
+                 reserve: int = 0, reserve_per_record: int = 0) -> None:
         """Use `Journal.open`."""
         self.directory = directory
         self._dir_fd = dir_fd
         self._segment_size = segment_size
         self._max_bytes = max_bytes
+        self._reserve = reserve
+        self._reserve_per_record = reserve_per_record
         self._limiter = limiter
         self._sync_seconds = INLINE_SYNC     # recent write+fdatasync time (moving average)
         self._lock = threading.Lock()  # index and segment readers vs reading threads
@@ -962,6 +1187,8 @@ class Journal:
         self._space = trio.Event()  # set (and replaced) whenever room may have changed
         self._waiters: deque[object] = deque()  # appends waiting for room, oldest first
         self._compact: _Compaction | None = None
+        self._copies_wait_until = -math.inf  # no room for copies: background compaction waits
+        self._refusal_log_at = -math.inf  # when refusing users for lack of disk is logged next
         self._closing = False
         self._closed = False
         self._broken: JournalError | None = None
@@ -973,19 +1200,24 @@ class Journal:
     async def open(cls, directory: Path, *, segment_size: int = 64 << 20,
                    max_bytes: int | None = None,
                    limiter: trio.CapacityLimiter | None = None,
-                   force: bool = False) -> Journal:
+                   force: bool = False, reserve: int = RESERVE,
+                   reserve_per_record: int = RESERVE_PER_RECORD) -> Journal:
         """Open (creating it 0700 if needed) the journal in `directory` and replay-check it.
 
         `max_bytes` caps the segment files (see the module doc; `segment_size` is lowered
-        to a quarter of it).  Raises `JournalCorruptError` for damage other than a torn
-        tail unless `force`.
+        to a quarter of it, and so is `reserve`).  `reserve` and `reserve_per_record`
+        size the disk reserve for internal records (0 and 0: none).  Raises
+        `JournalCorruptError` for damage other than a torn tail unless `force`.
         """
         if segment_size <= 0:
             raise ValueError("segment_size must be positive")
+        if reserve < 0 or reserve_per_record < 0:
+            raise ValueError("the reserve cannot be negative")
         if max_bytes is not None:
             if max_bytes < MIN_MAX_BYTES:
                 raise ValueError(f"max_bytes must be at least {MIN_MAX_BYTES}")
             segment_size = min(segment_size, max_bytes // 4)
+            reserve = min(reserve, max_bytes // 4)
         directory = Path(directory)
         dir_fd = await trio.to_thread.run_sync(_open_dir, directory, limiter=limiter)
         try:
@@ -997,9 +1229,11 @@ class Journal:
         for line in loaded.report.damaged:
             log.warning("journal %s: %s", directory, line)
         journal = cls(directory, dir_fd, loaded, segment_size=segment_size,
-                      max_bytes=max_bytes, limiter=limiter)
+                      max_bytes=max_bytes, limiter=limiter, reserve=reserve,
+                      reserve_per_record=reserve_per_record)
         with trio.CancelScope(shield=True):
             await journal._flush()  # give back what is already finished
+            await journal._top_up()  # (a torn tail's cut gave the reserve back too)
         return journal
 
     async def __aenter__(self) -> Journal:
@@ -1118,17 +1352,20 @@ class Journal:
 
     # --- appending and completing ---------------------------------------------------
 
-    async def append(self, record: bytes, *, deadline: float | None = None) -> int:
-        """Append `record`; return its seq once it is durable."""
-        return (await self.append_many([record], deadline=deadline))[0]
+    async def append(self, record: bytes, *, deadline: float | None = None,
+                     internal: bool = False) -> int:
+        """Append `record`; return its seq once it is durable (see `append_many`)."""
+        return (await self.append_many([record], deadline=deadline, internal=internal))[0]
 
     async def append_many(self, records: Sequence[bytes], *,
-                          deadline: float | None = None) -> list[int]:
+                          deadline: float | None = None, internal: bool = False) -> list[int]:
         """Append `records` in one commit group: all durable, or none after a crash.
 
         Under ``max_bytes`` it first waits for room (cancellable; nothing is written
         yet), oldest caller first, until `deadline` (trio clock; None: no limit), then
-        raises OSError ENOSPC.
+        raises OSError ENOSPC.  Unless `internal`, it also raises OSError ENOSPC (nothing
+        written) when the disk has no room for the records and the reserve after them;
+        `internal` records (what already happened on the server) may use the reserve.
         """
         self._check_usable()
         payloads = [bytes(r) for r in records]
@@ -1146,8 +1383,14 @@ class Journal:
         seqs = list(range(first, first + len(payloads)))
         self._next_seq += len(payloads)
         group = self._enqueue([(DATA, seq, p) for seq, p in zip(seqs, payloads, strict=True)])
+        if not internal:
+            group.user.update(seqs)
         self._inflight.update(seqs)
         await self._commit(group)
+        if seqs[0] in group.refused:
+            self.stats.disk_refusals += 1
+            raise OSError(errno.ENOSPC, f"journal {self.directory}: no room on the disk for "
+                          f"{len(payloads)} records and the reserve kept for internal ones")
         return seqs
 
     async def complete(self, seqs: Iterable[int]) -> None:
@@ -1233,6 +1476,26 @@ class Journal:
     def _markers(self) -> int:
         """Records whose COMPLETE is still to be queued (52 bytes reserved for each)."""
         return self._index.count + len(self._inflight) - len(self._completing)
+
+    def _reserve_need(self) -> int:
+        """Bytes to keep allocated past the end of the active segment (0: none needed,
+        nothing is pending or being appended)."""
+        markers = self._markers()
+        if markers <= 0 or not (self._reserve or self._reserve_per_record):
+            return 0
+        return self._reserve + self._reserve_per_record * markers
+
+    async def _top_up(self) -> None:
+        """Allocate the reserve past the active segment (best effort; at open)."""
+        need = self._reserve_need()
+        if self._active_fd < 0 or not need or not self._segments:
+            return
+        seg = self._segments[-1]
+        if seg.allocated >= seg.size + need:
+            return
+        seg.allocated = await trio.to_thread.run_sync(
+            _top_up_sync, self._active_fd, seg.size, need, limiter=self._limiter)
+        self._update_stats()
 
     def _shortfall(self, nbytes: int, n: int) -> int:
         """How many bytes must be freed before an append of `nbytes` (`n` records) fits."""
@@ -1338,7 +1601,7 @@ class Journal:
                 changed = await self._copy_step(group, compact)
             if group.items:
                 await self._write_group(group)
-                changed = True
+                changed = not group.starved  # (no room for compaction: no progress)
                 if group.copied_to is not None and group.error is None and \
                         self._compact is not None:
                     self._advance(self._compact, group.copied_to)
@@ -1354,14 +1617,23 @@ class Journal:
 
     def _plan(self, group: _Group) -> _WritePlan:
         """Where `group` goes: the active segment, or a new one once that one is full."""
+        reserve = self._reserve_need()
+        user = group.user & {s for t, s, _ in group.items if t == DATA}
         if self._active_fd >= 0:
             active = self._segments[-1]
             if not (active.size > 0 and active.size + group.nbytes > self._segment_size):
-                return _WritePlan(group.items, active.path, active.first_seq, active.size,
-                                  self._active_fd, self._dir_fd)
+                return _WritePlan(list(group.items), active.path, active.first_seq,
+                                  active.size, self._active_fd, self._dir_fd,
+                                  reserve=reserve, user=user, allocated=active.allocated)
         name = self._new_name(next((s for t, s, _ in group.items if t == DATA), None))
-        return _WritePlan(group.items, self.directory / f"seg-{name:020d}.wj", name, 0, -1,
-                          self._dir_fd, close_fd=self._active_fd)
+        plan = _WritePlan(list(group.items), self.directory / f"seg-{name:020d}.wj", name, 0,
+                          -1, self._dir_fd, close_fd=self._active_fd, reserve=reserve,
+                          user=user)
+        if self._active_fd >= 0:
+            active = self._segments[-1]
+            plan.old_path, plan.old_first_seq = active.path, active.first_seq
+            plan.old_size, plan.old_allocated = active.size, active.allocated
+        return plan
 
     def _new_name(self, first_data: int | None) -> int:
         """A new segment's name: its first DATA seq (or the next seq), above every name."""
@@ -1379,7 +1651,9 @@ class Journal:
         started = time.perf_counter()
         try:
             if plan.fd >= 0 and self._sync_seconds < INLINE_SYNC and \
-                    sum(len(p) for _, _, p in plan.items) <= INLINE_BYTES:
+                    sum(len(p) for _, _, p in plan.items) <= INLINE_BYTES and \
+                    (not plan.reserve or
+                     plan.offset + group.nbytes + plan.reserve <= plan.allocated):
                 # A small group on a fast disk: writing it here costs less than the
                 # hop to a worker thread and back (see INLINE_SYNC).
                 _write_sync(plan)
@@ -1398,6 +1672,7 @@ class Journal:
                 log.exception("%s", self._broken)
             elif seg is not None:
                 seg.size = plan.offset
+                seg.allocated = plan.allocated
             self._settle(group, None, 0, err)
         except BaseException as err:
             self._broken = JournalError(f"journal {self.directory} disabled: {err!r}")
@@ -1407,12 +1682,39 @@ class Journal:
             self._sync_seconds = 0.8 * self._sync_seconds + \
                 0.2 * (time.perf_counter() - started)
             self.stats.fsyncs += plan.fsyncs
+            self._reserve_outcome(plan, group)
             seg = self._install(plan)
-            assert seg is not None
-            seg.size = plan.offset + plan.nbytes
-            self.stats.commits += 1
-            self.stats.bytes_written += plan.nbytes
-            self._settle(group, seg, plan.offset, None)
+            if plan.items:
+                assert seg is not None
+                seg.size = plan.offset + plan.nbytes
+                seg.allocated = max(plan.allocated, seg.size)
+                self.stats.commits += 1
+                self.stats.bytes_written += plan.nbytes
+            self._settle(group, seg if plan.items else None, plan.offset, None, plan.items)
+
+    def _reserve_outcome(self, plan: _WritePlan, group: _Group) -> None:
+        """What the room check of a written group left out, and what it learnt."""
+        if plan.unsupported and (self._reserve or self._reserve_per_record):
+            log.warning("journal %s: the file system cannot preallocate; internal records "
+                        "have no disk reserve", self.directory)
+            self._reserve = self._reserve_per_record = 0
+        if plan.refused:
+            group.refused.update(plan.refused)
+            now = trio.current_time()
+            if now >= self._refusal_log_at:  # (near full, room comes and goes: once a while)
+                log.warning("journal %s: the disk is full: users' changes are refused "
+                            "(ENOSPC) while it is; its reserve is kept for records of what "
+                            "is already on the server", self.directory)
+                self._refusal_log_at = now + REFUSAL_LOG_EVERY
+        if plan.dropped_copies:
+            group.copied_to = None  # compaction goes on later, from where it was
+            self._copies_wait_until = trio.current_time() + COPY_RETRY
+            group.starved = not plan.items
+        if plan.into_reserve:
+            self.stats.reserve_writes += 1
+        if plan.released_old and self._segments:
+            old = self._segments[-1]
+            old.allocated = old.size
 
     def _install(self, plan: _WritePlan) -> _Segment | None:
         """The segment `plan` wrote to, adding it if the thread created it."""
@@ -1435,8 +1737,9 @@ class Journal:
         return seg
 
     def _settle(self, group: _Group, seg: _Segment | None, offset: int,
-                error: BaseException | None) -> None:
-        """Record the outcome of `group` (durable at `offset` of `seg`, or failed)."""
+                error: BaseException | None, written: list[_Item] | None = None) -> None:
+        """Record the outcome of `group`: `written` (default: all its items) durable at
+        `offset` of `seg`, the rest left out; or failed (`seg` None)."""
         self._queued_bytes -= group.nbytes
         if seg is None:
             for rtype, seq, _ in group.items:
@@ -1447,9 +1750,12 @@ class Journal:
                 if self._completing.get(seq) is group:
                     del self._completing[seq]
         else:
+            for seq in group.refused:
+                self._inflight.discard(seq)
+                self._completing.pop(seq, None)
             with self._lock:
                 pos = offset
-                for rtype, seq, payload in group.items:
+                for rtype, seq, payload in group.items if written is None else written:
                     if rtype != COMPLETE:
                         self._place(seq, rtype, seg, pos, len(payload))
                     pos += HEADER_SIZE + len(payload)
@@ -1515,6 +1821,8 @@ class Journal:
 
     async def _copy_step(self, group: _Group, forced: bool) -> bool:
         """Put the next COPY records of the segment being evacuated in front of `group`."""
+        if not forced and trio.current_time() < self._copies_wait_until:
+            return False  # the disk had no room for them just now
         comp = self._compact
         if comp is not None and (not self._segments or comp.seg is not self._segments[0]):
             comp = self._compact = None  # deleted meanwhile: its records were completed
@@ -1605,15 +1913,20 @@ class Journal:
         """Start a new, empty newest segment (durably named); False if that failed."""
         name = self._new_name(None)
         path = self.directory / f"seg-{name:020d}.wj"
+        old = self._segments[-1] if self._segments and self._active_fd >= 0 else None
         try:
-            fd, fsyncs = await trio.to_thread.run_sync(
-                _create_sync, path, self._dir_fd, self._active_fd, limiter=self._limiter)
+            fd, fsyncs, allocated = await trio.to_thread.run_sync(
+                _roll_sync, path, self._dir_fd, self._active_fd,
+                old.size if old is not None else 0, self._reserve_need(),
+                limiter=self._limiter)
         except OSError as err:
             log.warning("journal %s: cannot start segment %s: %s", self.directory,
                         path.name, err)
             return False
         self.stats.fsyncs += fsyncs
-        self._add_segment(name, path, fd)
+        if old is not None and allocated:
+            old.allocated = old.size
+        self._add_segment(name, path, fd).allocated = allocated
         return True
 
     async def _reclaim(self) -> bool:
@@ -1655,6 +1968,8 @@ class Journal:
         st.bytes_pending = self._pending_bytes
         st.segments = len(self._segments)
         st.bytes_on_disk = self._disk_bytes()
+        active = self._segments[-1] if self._segments and self._active_fd >= 0 else None
+        st.reserve_bytes = max(0, active.allocated - active.size) if active else 0
 
 
 class _CompactionError(Exception):

@@ -107,6 +107,8 @@ class WriteBack:
         self._to_complete: list[int] = []
         self._completing = trio.Event()
         self._completed = trio.Event()
+        self._complete_failed = False     # the last journal.complete failed (kept, retried)
+        self._marking = 0                 # records whose marking done is being written
         self._lost_dir = (cfg.cache_dir or Path("/tmp")) / "lost+found"
         flusher.base_version = self._current_base
         flusher.also_ours = self._also_ours
@@ -352,10 +354,23 @@ class WriteBack:
             seqs, self._to_complete = self._to_complete, []
             if not seqs:
                 continue
+            self._marking = len(seqs)
             try:
                 await self.journal.complete(seqs)
-            except Exception as exc:   # the changes are on the server; a replay is harmless
+            except OSError as exc:
+                # Kept for the next try: dropped, a later BIND's completion could leave
+                # these records naming a local id no record binds any more.
+                if not self._complete_failed:
+                    log.warning("could not mark %d write-back records done (tried again): "
+                                "%s", len(seqs), exc)
+                self._complete_failed = True
+                self._to_complete[:0] = seqs
+                self._completing.set()
+            except Exception as exc:   # the journal is closed or disabled
                 log.warning("could not mark %d write-back records done: %s", len(seqs), exc)
+            else:
+                self._complete_failed = False
+            self._marking = 0
             self._completed.set()
             self._completed = trio.Event()
 
@@ -364,7 +379,8 @@ class WriteBack:
         it at content version `version`: journal that first (a BASE record), so a
         replay after a crash takes the server's file at that version for ours."""
         seq = await self.journal.append(encode_op(Op("base", node=_ref(node), base=version,
-                                                     time_ns=time.time_ns())))
+                                                     time_ns=time.time_ns())),
+                                        internal=True)      # (the disk reserve may take it)
         old = self._base_records.get(node)
         if old is not None:
             self._complete([old])
@@ -374,8 +390,10 @@ class WriteBack:
             self._base_records[node] = seq
 
     async def drain(self) -> None:
-        """Wait until every finished change is also marked done in the journal."""
-        while self._to_complete:
+        """Wait until every finished change is also marked done in the journal (or
+        marking them failed: they stay queued; after a restart they replay, as after a
+        crash)."""
+        while (self._to_complete or self._marking) and not self._complete_failed:
             await self._completed.wait()
 
     def _complete(self, seqs: list[int]) -> None:
@@ -585,14 +603,19 @@ class WriteBack:
         before its creation's record is marked done) for the records that name it."""
         assert node.local_id is not None
         local_id = node.local_id
-        self.nodes.rebind(node, fh, attrs)
-        ov = self.overlay.get(node)
-        if ov is not None:
-            ov.local = False
         self._lrefs[local_id] = self._lrefs.get(local_id, 0) + 1
         try:
+            # The BIND is durable before the node takes its handle: records appended
+            # meanwhile name it by its local id, and a BIND that fails (the flusher
+            # retries: EEXIST, ours) leaves it local, as no record on disk gives a handle.
+            # It is internal: the journal's disk reserve takes it when users filled it.
             self._binds[local_id] = await self.journal.append(
-                encode_op(Op("bind", node=f"l{local_id}", fh=fh, time_ns=time.time_ns())))
+                encode_op(Op("bind", node=f"l{local_id}", fh=fh, time_ns=time.time_ns())),
+                internal=True)
+            self.nodes.rebind(node, fh, attrs)
+            ov = self.overlay.get(node)
+            if ov is not None:
+                ov.local = False
         finally:
             self._release_ids([local_id])
 
