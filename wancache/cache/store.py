@@ -782,8 +782,8 @@ class Store:
         attrs = self.attrs.valid(node.fh)
         if attrs is None or version(attrs) != listing.version:
             return False
-        valid = self.attrs.valid
-        return all(rec.fh is None or valid(rec.fh) is not None
+        holds = self.attrs.holds
+        return all(rec.fh is None or holds(rec.fh)
                    for rec in listing.by_name.values())
 
     async def _read_listing(self, node: Node, cred: Cred, *, prefetch: bool = True) -> Listing:
