@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import trio
@@ -127,6 +127,32 @@ def _times(stored: bytes | AttrEntry) -> tuple[float, float]:
         return fetched, lease
     assert isinstance(stored, AttrEntry)
     return stored.fetched, stored.lease
+
+
+class SavedAttrs(Mapping[bytes, Fattr3]):
+    """The entries to be saved (`persist`), handle -> attributes, as they are kept:
+    pickled packed, they cost nothing to hand over (100 000 Fattr3 objects, each
+    reduced to lists the pickler keeps until done, took ~170 MiB at its peak)."""
+
+    __slots__ = ("_stored",)
+
+    def __init__(self, stored: dict[bytes, bytes | AttrEntry]) -> None:
+        self._stored = stored
+
+    def __getitem__(self, fh: bytes) -> Fattr3:
+        return _unpack(self._stored[fh]).attrs
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getstate__(self) -> dict[bytes, bytes | AttrEntry]:
+        return self._stored
+
+    def __setstate__(self, state: dict[bytes, bytes | AttrEntry]) -> None:
+        self._stored = state
 
 
 @dataclass
@@ -258,8 +284,12 @@ class AttrCache:
             self._put(fh, attrs, -math.inf, 0.0)
 
     def items(self) -> list[tuple[bytes, Fattr3]]:
-        """Every (handle, attributes), for saving."""
+        """Every (handle, attributes)."""
         return [(fh, _unpack(stored).attrs) for fh, stored in self._entries.items()]
+
+    def saved(self, keep: Callable[[bytes], bool]) -> SavedAttrs:
+        """The entries of the handles `keep` accepts, for saving."""
+        return SavedAttrs({fh: stored for fh, stored in self._entries.items() if keep(fh)})
 
     def expire(self, fh: bytes) -> None:
         """Force the next use of `fh` to revalidate (keeps the attributes)."""

@@ -176,7 +176,7 @@ class Store:
 
     def saved_state(self) -> SavedState:
         """The metadata caches, to be saved (nodes created here are left out)."""
-        attrs = {fh: a for fh, a in self.attrs.items() if not fh.startswith(LOCAL_PREFIX)}
+        attrs = self.attrs.saved(lambda fh: not fh.startswith(LOCAL_PREFIX))
         listings = {fh: (listing.version, [r for r in listing.records
                                            if r.fh is None or not r.fh.startswith(LOCAL_PREFIX)])
                     for fh, listing in self.dirs.items()}
