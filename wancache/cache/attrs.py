@@ -112,12 +112,15 @@ def _unpack(stored: bytes | AttrEntry) -> AttrEntry:
         return stored
     (fetched, lease, t, mode, nlink, uid, gid, size, used, r1, r2, fsid, fileid,
      a_s, a_ns, m_s, m_ns, c_s, c_ns) = _PACKED.unpack(stored)  # fmt: skip
+    at = NfsTime(a_s, a_ns)     # (equal times share one object: it is immutable)
+    mt = at if m_s == a_s and m_ns == a_ns else NfsTime(m_s, m_ns)
+    ct = mt if c_s == m_s and c_ns == m_ns else NfsTime(c_s, c_ns)
     return AttrEntry(Fattr3(_FTYPES[t], mode, nlink, uid, gid, size, used, (r1, r2), fsid,
-                            fileid, NfsTime(a_s, a_ns), NfsTime(m_s, m_ns),
-                            NfsTime(c_s, c_ns)), fetched, lease)
+                            fileid, at, mt, ct), fetched, lease)
 
 
 _LEASE = struct.Struct("=dd")
+HOT_ENTRIES = 1024   # entries last made into AttrEntry objects, kept made (speed)
 
 
 def _times(stored: bytes | AttrEntry) -> tuple[float, float]:
@@ -169,6 +172,10 @@ class AttrCache:
         self.cfg = cfg
         self.enabled = enabled
         self._entries: Lru[bytes, bytes | AttrEntry] = Lru(cfg.attr_entries)
+        # handle -> (stored, its AttrEntry): a file is often asked for a few times
+        # in a row (readdir, then stat, open, fstat), and making the objects again
+        # costs a few microseconds.  Valid while `stored` is what is kept.
+        self._made: dict[bytes, tuple[bytes | AttrEntry, AttrEntry]] = {}
         self.listeners: list[ChangeListener] = []
         self.stats = AttrStats()
         # handle -> when our own last change to it was known done on the server
@@ -180,17 +187,30 @@ class AttrCache:
     def _put(self, fh: bytes, attrs: Fattr3, fetched: float, lease: float) -> None:
         self._entries[fh] = _pack(attrs, fetched, lease)
 
+    def _entry(self, fh: bytes, stored: bytes | AttrEntry) -> AttrEntry:
+        made = self._made.get(fh)
+        if made is not None and made[0] is stored:
+            return made[1]
+        entry = _unpack(stored)
+        if entry is not stored:
+            made_ = self._made
+            made_.pop(fh, None)
+            if len(made_) >= HOT_ENTRIES:
+                del made_[next(iter(made_))]
+            made_[fh] = (stored, entry)
+        return entry
+
     def _valid_entry(self, fh: bytes) -> AttrEntry | None:
         stored = self._entries.get(fh)
         if stored is None:
             return None
         fetched, lease = _times(stored)
-        return _unpack(stored) if fetched + lease > trio.current_time() else None
+        return self._entry(fh, stored) if fetched + lease > trio.current_time() else None
 
     def peek(self, fh: bytes) -> AttrEntry | None:
         """The entry, valid or not (not counted as a hit or miss)."""
         stored = self._entries.get(fh)
-        return _unpack(stored) if stored is not None else None
+        return self._entry(fh, stored) if stored is not None else None
 
     def get(self, fh: bytes) -> AttrEntry | None:
         """The entry if its lease still holds (counted as hit or miss)."""
@@ -240,7 +260,7 @@ class AttrCache:
         stored = self._entries.get(fh)
         if stored is not None and _times(stored)[0] > when:
             return   # a newer reply already arrived
-        old = _unpack(stored) if stored is not None else None
+        old = self._entry(fh, stored) if stored is not None else None
         lo, hi = self._bounds(attrs)
         if old is None:
             lease = self._first_lease(attrs)
@@ -301,3 +321,4 @@ class AttrCache:
 
     def forget(self, fh: bytes) -> None:
         self._entries.pop(fh, None)
+        self._made.pop(fh, None)
