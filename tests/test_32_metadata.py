@@ -3,7 +3,9 @@ on trio's mock clock: leases are exact and nothing waits for real."""
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from dataclasses import replace
 
 import pytest
@@ -11,12 +13,16 @@ import trio
 import trio.testing
 
 from tests.fakes import FakeNfs
+from wancache.cache.attrs import AttrCache
+from wancache.cache.lru import Lru
 from wancache.cache.node import Node
+from wancache.cache.nodes import NodeTable
 from wancache.cache.store import DirCursor, Store
 from wancache.config import build_config
+from wancache.fs.inodes import InodeTable
 from wancache.mount import build
 from wancache.nfs_backend.errors import NfsError
-from wancache.nfs_backend.nfs3 import NfsTime
+from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, NfsTime
 from wancache.nfs_backend.transport import Cred
 
 ROOT = Cred.root()
@@ -245,3 +251,68 @@ async def test_attribute_cache_is_bounded(nursery: trio.Nursery) -> None:
     for i in range(300):
         await store.lookup(store.root, f"f{i}".encode(), ROOT)
     assert len(store.attrs) <= 100
+
+
+# -- compact per-inode state (issue 14): the same answers as before -------------------
+
+def test_lru_drops_the_least_recently_used_first() -> None:
+    lru: Lru[str, int] = Lru(3)
+    for k in "abc":
+        lru[k] = ord(k)
+    assert lru.get("a") == ord("a")          # a used: b is the oldest now
+    lru["d"] = 4
+    assert "b" not in lru and len(lru) == 3
+    lru["c"] = 5                              # setting counts as use too
+    lru["e"] = 6
+    assert [k for k, _ in lru.items()] == ["d", "c", "e"]
+    assert lru.get("zz", -1) == -1 and lru.pop("d") == 4 and lru.pop("d") is None
+
+
+async def test_attribute_entries_come_back_as_they_went_in(
+        autojump_clock: trio.abc.Clock) -> None:
+    """Entries are stored packed; what no fattr3 can carry is kept as it is."""
+    cache = AttrCache(make_config())
+    t = NfsTime(1_760_000_000, 999_999_999)
+    plain = Fattr3(Ftype3.CHR, 0o4755, 3, 2**32 - 1, 0, 2**64 - 1, 2**63, (7, 9),
+                   2**64 - 1, 2**64 - 2, NfsTime(0, 0), t, NfsTime(2**32 - 1, 1))
+    odd = replace(plain, fileid=2**64, mtime=NfsTime(-5, 0))     # made here, not by XDR
+    cache.update(b"plain", plain, None, 10.0)
+    cache.update(b"odd", odd, None, 10.0)
+    for fh, attrs in ((b"plain", plain), (b"odd", odd)):
+        entry = cache.peek(fh)
+        assert entry is not None and entry.attrs == attrs and entry.fetched == 10.0
+        assert type(entry.attrs.type) is Ftype3 and entry.attrs.type is Ftype3.CHR
+    cache.barrier(b"plain", 20.0, nlink=-1)       # kept, but asked again first
+    entry = cache.peek(b"plain")
+    assert entry is not None and entry.before_our_change and entry.attrs.nlink == 2
+    assert not cache.holds(b"plain") and cache.valid(b"plain") is None
+    assert cache.items()[0][0] == b"odd"
+
+
+def test_nodes_the_kernel_holds_stay_one_per_handle() -> None:
+    """A node with an inode is kept without a weak reference; let go, it lives on
+    while something refers to it, and is still the one node of its handle."""
+    attrs = Fattr3(Ftype3.REG, 0o644, 1, 0, 0, 0, 0, (0, 0), 1, 50, *[NfsTime(1, 0)] * 3)
+    root = Node(b"root", 2, 1, Ftype3.DIR)
+    nodes = NodeTable(None, root, 100)  # type: ignore[arg-type]
+    inodes = InodeTable(root, nodes)
+    node = nodes.node_for(b"fh50", attrs, root, b"f")
+    ino = inodes.remember(node)
+    ref = weakref.ref(node)
+    del node
+    gc.collect()
+    assert nodes.get(b"fh50") is ref() is inodes.node(ino)       # held by its inode
+    node = inodes.node(ino)
+    inodes.opened(node)
+    inodes.forget(ino, 1)
+    assert nodes.get(b"fh50") is node and ino in inodes          # an open file holds it
+    inodes.closed(node)
+    assert ino not in inodes and node.ino == 0
+    assert nodes.get(b"fh50") is node and nodes.node_for(b"fh50", attrs) is node
+    nodes.rebind(node, b"fh50-new", attrs)
+    assert nodes.get(b"fh50") is None and nodes.get(b"fh50-new") is node
+    assert inodes.remember(node) == ino and nodes.get(b"fh50-new") is node
+    inodes.forget(ino, 1)
+    del node
+    gc.collect()
+    assert ref() is None and nodes.get(b"fh50-new") is None and len(nodes) == 1

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3
 
 LOCAL_PREFIX = b"\0wancache-local\0"   # placeholder handles of nodes created locally
+_FSIDS: dict[int, int] = {}   # one int object per file system id, shared by its nodes
 
 
 def local_fh(local_id: int) -> bytes:
@@ -21,6 +22,10 @@ class Node:
     Nodes are compared by identity: the store hands out one Node per handle.
     `parent` and `name` are the last path it was seen under, used to re-resolve a
     handle the server declared stale.
+
+    There is one per inode the kernel holds, so it is kept small (issue 14): the
+    FUSE layer's inode table (fs/inodes.py) keeps its inode number and counts here
+    rather than in an object of its own.
     """
 
     fh: bytes
@@ -31,11 +36,15 @@ class Node:
     name: bytes = b""
     gone: bool = field(default=False)   # its last name removed by us
     local_id: int | None = None         # created here: the write-back layer's id for it
+    ino: int = 0        # the kernel's inode number of it (0: none), see InodeTable
+    lookups: int = 0    # ... the kernel's lookups of that inode not forgotten yet
+    opens: int = 0      # ... its open files
 
     @classmethod
     def from_attrs(cls, fh: bytes, attrs: Fattr3, parent: Node | None = None,
                    name: bytes = b"") -> Node:
-        return cls(fh, attrs.fileid, attrs.fsid, attrs.type, parent, name)
+        fsid = _FSIDS.setdefault(attrs.fsid, attrs.fsid)
+        return cls(fh, attrs.fileid, fsid, attrs.type, parent, name)
 
     @property
     def key(self) -> str:

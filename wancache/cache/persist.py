@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class SavedState:
     format: int = FORMAT
     export: str = ""
     info: ServerInfo | None = None
-    attrs: dict[bytes, Fattr3] = field(default_factory=dict)
+    attrs: Mapping[bytes, Fattr3] = field(default_factory=dict)
     listings: dict[bytes, tuple[tuple[int, int, int], list[DirRecord]]] = field(
         default_factory=dict)
     names: dict[tuple[bytes, bytes], bytes] = field(default_factory=dict)   # looked up

@@ -176,7 +176,7 @@ class Store:
 
     def saved_state(self) -> SavedState:
         """The metadata caches, to be saved (nodes created here are left out)."""
-        attrs = {fh: a for fh, a in self.attrs.items() if not fh.startswith(LOCAL_PREFIX)}
+        attrs = self.attrs.saved(lambda fh: not fh.startswith(LOCAL_PREFIX))
         listings = {fh: (listing.version, [r for r in listing.records
                                            if r.fh is None or not r.fh.startswith(LOCAL_PREFIX)])
                     for fh, listing in self.dirs.items()}
@@ -782,8 +782,8 @@ class Store:
         attrs = self.attrs.valid(node.fh)
         if attrs is None or version(attrs) != listing.version:
             return False
-        valid = self.attrs.valid
-        return all(rec.fh is None or valid(rec.fh) is not None
+        holds = self.attrs.holds
+        return all(rec.fh is None or holds(rec.fh)
                    for rec in listing.by_name.values())
 
     async def _read_listing(self, node: Node, cred: Cred, *, prefetch: bool = True) -> Listing:

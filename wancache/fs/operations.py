@@ -136,7 +136,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.store = store
         self.cfg = cfg
-        self.inodes = InodeTable(store.root)
+        self.inodes = InodeTable(store.root, store.nodes)
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._handles = itertools.count(1)
