@@ -49,12 +49,13 @@ from wancache.nfs_backend.nfs3 import (
     WccData,
 )
 from wancache.nfs_backend.stats import RpcStats
-from wancache.nfs_backend.transport import Cred
+from wancache.nfs_backend.transport import Cred, note_sent
 
 S = Nfsstat3
 R = TypeVar("R")
 Sinks = list[tuple[bytes, Fattr3 | None, WccAttr | None]]
 IDEMPOTENT = frozenset(p.name for p in nfs3.IDEMPOTENT)
+CHANGES_NOTHING = frozenset(p.name for p in nfs3.CHANGES_NOTHING)
 
 
 @dataclass
@@ -330,6 +331,8 @@ class FakeNfs:
         fault = self._next_fault(proc)
         if fault is not None and fault.before is not None:
             raise fault.before
+        if proc not in CHANGES_NOTHING:
+            note_sent()
         sinks: Sinks = []
         error: NfsError | None = None
         res: R | None = None

@@ -24,7 +24,7 @@ from wancache.cache.writeback import WriteBack
 from wancache.config import build_config
 from wancache.creds import Cred
 from wancache.mount import build
-from wancache.nfs_backend.errors import NfsError, RpcTimeoutError
+from wancache.nfs_backend.errors import NfsError, RpcTimeoutError, ServerUnreachableError
 from wancache.nfs_backend.nfs3 import Nfsstat3
 
 ROOT = Cred.root()
@@ -437,6 +437,29 @@ async def test_a_file_changed_elsewhere_is_a_conflict(tmp_path: Path,
         assert len(conflicts) == 1
         assert tree[conflicts[0]].startswith(b"OURS")
         assert stats(store).conflicts == 1
+
+
+async def test_a_conflict_is_still_found_after_an_attempt_that_never_left(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    """Only an attempt whose calls went out may have changed the file there: one the
+    link refused before sending (an outage) must not skip the next conflict check,
+    or another client's change made meanwhile is overwritten."""
+    fake = FakeNfs()
+    fake.server_create("/doc", b"original")
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        doc, _ = await store.lookup(store.root, b"doc", ROOT)
+        await store.write(doc, 0, b"OURS", ROOT)
+        fake.inject("WRITE", Fault.refuse(ServerUnreachableError("fake: link down")))
+        wb(store).flusher.hurry_all()
+        with trio.fail_after(10):
+            while not stats(store).retries:
+                await trio.sleep(0.01)
+        fake.server_write("/doc", b"theirs, written during the outage")
+        await sync(store)
+        tree = fake.tree()
+        assert tree["doc"] == b"theirs, written during the outage"
+        assert [tree[n][:4] for n in tree if n.startswith("doc.wancache-conflict-")] == \
+            [b"OURS"]
 
 
 async def test_a_refused_change_is_saved_in_lost_found(tmp_path: Path,

@@ -57,6 +57,7 @@ from wancache.nfs_backend.errors import (
     XdrError,
 )
 from wancache.nfs_backend.nfs3 import Fattr3, Ftype3, Nfsstat3, NfsTime, Sattr3, StableHow
+from wancache.nfs_backend.transport import track_sends
 
 from .attrs import content_version, content_version_of
 from .budget import ByteBudget
@@ -130,7 +131,7 @@ class Pending:
     urgent: bool = False               # skips writeback_delay
     waited: bool = False               # someone waits for it (runs even when paused)
     attempts: int = 0
-    maybe_sent: bool = False           # an earlier attempt may have reached the server
+    maybe_sent: bool = False           # a call of an earlier attempt went out whole
     failed: str = ""
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -500,14 +501,17 @@ class Flusher:
                           f"/{p.attempts}" for p in batch))
         try:
             try:
-                with patient():     # no application waits on one call: slow is fine
-                    outcome = await self._execute(batch)
+                with patient(), track_sends() as wire:   # (patient: no application
+                    outcome = await self._execute(batch)  # waits on one call)
                     for p in batch:
                         p.executed = True
                     await self._keep_times(batch)
             except BaseExceptionGroup as group:      # from the WRITEs in flight
                 raise _first_error(group) from None
         except Exception as exc:
+            if wire.sent:      # this attempt may have changed something on the server
+                for p in batch:
+                    p.maybe_sent = True
             await self._failed(batch, exc)
         else:
             self.stats.server_down = False
@@ -572,7 +576,6 @@ class Flusher:
         delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(first.attempts, 10))
         for p in batch:
             p.started = False
-            p.maybe_sent = True
             p.attempts = max(p.attempts, 1)
             p.due = trio.current_time() + delay
             self._ready.add(p)

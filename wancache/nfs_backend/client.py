@@ -171,7 +171,8 @@ class NfsClient:
             proc is Proc.CREATE and args.mode is nfs3.CreateMode.EXCLUSIVE)
         sent = trio.current_time()
         body = await self.transport.call(proc, nfs3.encode_args_parts(args), cred,
-                                         idempotent=idempotent, patient=_PATIENT.get())
+                                         idempotent=idempotent, patient=_PATIENT.get(),
+                                         changes=proc not in nfs3.CHANGES_NOTHING)
         res = nfs3.decode_res(proc, body)
         if self.attr_sinks:
             for fh, attrs, before in _attrs_in(args, res):

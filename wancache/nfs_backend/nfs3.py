@@ -1145,6 +1145,12 @@ ARGS: dict[Proc, type] = {s.proc: s.cls for s in _ARG_SPECS}
 RESULTS: dict[Proc, type] = {s.proc: s.cls for s in _RES_SPECS}
 """Procedure -> its Res dataclass."""
 
+CHANGES_NOTHING: frozenset[Proc] = frozenset({
+    Proc.NULL, Proc.GETATTR, Proc.LOOKUP, Proc.ACCESS, Proc.READLINK, Proc.READ,
+    Proc.READDIR, Proc.READDIRPLUS, Proc.FSSTAT, Proc.FSINFO, Proc.PATHCONF, Proc.COMMIT,
+})  # fmt: skip
+"""Procedures that change nothing a client sees (COMMIT only makes WRITEs durable)."""
+
 IDEMPOTENT: frozenset[Proc] = frozenset({
     Proc.NULL, Proc.GETATTR, Proc.SETATTR, Proc.LOOKUP, Proc.ACCESS, Proc.READLINK, Proc.READ,
     Proc.WRITE, Proc.READDIR, Proc.READDIRPLUS, Proc.FSSTAT, Proc.FSINFO, Proc.PATHCONF,

@@ -54,7 +54,9 @@ import socket
 import struct
 import termios
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import trio
@@ -119,6 +121,38 @@ class TransportOptions:
     max_record: int = 64 * 2**20
 
 
+class SendTracker:
+    """Whether any call that may change the server's state, made under
+    `track_sends` (in its task or the tasks it starts), went out whole: the server may
+    have run it.  A caller that must know if a failed attempt changed anything there
+    (the write-back flusher) asks this."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+_tracker: ContextVar[SendTracker | None] = ContextVar("wancache_send_tracker",
+                                                       default=None)
+
+
+@contextmanager
+def track_sends() -> Iterator[SendTracker]:
+    """Track the calls made in this context (see `SendTracker`)."""
+    tracker = SendTracker()
+    token = _tracker.set(tracker)
+    try:
+        yield tracker
+    finally:
+        _tracker.reset(token)
+
+
+def note_sent() -> None:
+    """A call of the current context went out (transports, and test fakes, say so)."""
+    tracker = _tracker.get()
+    if tracker is not None:
+        tracker.sent = True
+
+
 class _ConnectionLost(Exception):
     def __init__(self, sent: bool) -> None:
         super().__init__("connection lost")
@@ -138,6 +172,7 @@ class _Pending:
     committed: bool = False   # the writer took it: it goes out whole unless the link dies
     sent: bool = False        # every byte is with the kernel: the server may run it
     abandoned: bool = False
+    tracker: SendTracker | None = None   # the caller's, told once it is sent
 
 
 class _Connection:
@@ -186,14 +221,15 @@ class _Connection:
         finally:
             self.kill()
 
-    def submit(self, xid: int, record: Buffer | Sequence[Buffer]) -> _Pending:
+    def submit(self, xid: int, record: Buffer | Sequence[Buffer],
+               tracker: SendTracker | None = None) -> _Pending:
         """Queue a framed call record (or its parts, in order) for sending and
-        register for its reply."""
+        register for its reply (`tracker` is told once it went out)."""
         if self.dead:
             raise _ConnectionLost(sent=False)
         parts = (record,) if isinstance(record, bytes | bytearray | memoryview) \
             else tuple(record)
-        p = _Pending(xid, parts, sum(len(part) for part in parts))
+        p = _Pending(xid, parts, sum(len(part) for part in parts), tracker=tracker)
         self.pending[xid] = p
         self._send.send_nowait(p)
         return p
@@ -288,6 +324,9 @@ class _Connection:
             self._written += n
             while i < len(batch) and ends[i] <= done:
                 batch[i].sent = True
+                tracker = batch[i].tracker
+                if tracker is not None:
+                    tracker.sent = True
                 i += 1
 
     def _acks_moved(self) -> bool:
@@ -542,9 +581,11 @@ class RpcTransport:
         return self._prefix + self._proc_names.get(proc, str(proc))
 
     async def call(self, proc: int, args: Buffer | Sequence[Buffer], cred: Cred | None, *,
-                   idempotent: bool, patient: bool = False) -> memoryview:
+                   idempotent: bool, patient: bool = False, changes: bool = True
+                   ) -> memoryview:
         """Make one call and return the reply's result bytes (`patient`: without the
-        soft timeout while connected; see client.patient).
+        soft timeout while connected; see client.patient; `changes`: the call may
+        change the server's state, which a `SendTracker` is told once it went out).
 
         Raises RpcDeniedError/RpcAcceptError (server refused the call), ProtocolError,
         RpcTimeoutError/ServerUnreachableError (soft timeout), UnknownOutcomeError.
@@ -566,7 +607,8 @@ class RpcTransport:
                 timeout = None if patient else self.options.timeout
                 with trio.move_on_after(math.inf if timeout is None else timeout):
                     reply = await self._attempts(xid, record, name, idempotent, attempts,
-                                                 patient=patient)
+                                                 patient=patient,
+                                                 tracker=_tracker.get() if changes else None)
             if reply is None:
                 raise self._timed_out(name, started, idempotent,
                                       bool(attempts) and attempts[-1].committed)
@@ -619,13 +661,14 @@ class RpcTransport:
         return RpcTimeoutError(f"no reply from {self.label} within {timeout:g}s")
 
     async def _attempts(self, xid: int, record: list[Buffer], name: str, idempotent: bool,
-                        attempts: list[_Pending], *, patient: bool = False) -> bytes:
+                        attempts: list[_Pending], *, patient: bool = False,
+                        tracker: SendTracker | None = None) -> bytes:
         while True:
             conn = await self._get_connection(patient=patient)
             if attempts:
                 self.stats.retransmitted(name, sum(len(part) for part in record))
             try:
-                p = conn.submit(xid, record)
+                p = conn.submit(xid, record, tracker)
                 attempts.append(p)
                 return await conn.wait(p)
             except _ConnectionLost as lost:
