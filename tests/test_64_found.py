@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.modelops import MOUNT_MODES
+from tests.asuser import Who, run_as
 from tests.conftest import Export, MountFactory
 
 
@@ -168,3 +169,62 @@ def test_unlinked_open_file_keeps_nlink_0_after_a_listing(
     finally:
         os.close(fd)
     m.flush()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_new_node_chowned_before_its_flush_keeps_its_mtime(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None,
+        kind: str) -> None:
+    """A FIFO (or directory) made here and given away (chown) before either reached
+    the server: after its MKNOD the flusher set the mtime users saw as the owner they
+    see (1002), but the server's owner was still the creator (root) until the chown
+    got there: EPERM, best effort, so the server kept the time of its MKNOD.  The mount
+    showed the local mtime until kill -9 and remount, then the server's (model
+    checker: "mtimes changed across kill -9 and remount: b/f: mtime ... (+0.073 s)").
+
+    mkfifo(f) (or mkdir); chown(f, 1002, 65534); flush; kill -9; remount."""
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    if kind == "fifo":
+        os.mkfifo(f, 0o644)
+    else:
+        f.mkdir(0o755)
+    os.chown(f, 1002, 65534)
+    shown = os.lstat(f).st_mtime_ns
+    m.flush()
+    assert os.lstat(f).st_mtime_ns == shown
+    assert os.lstat(export.raw_path / "f").st_mtime_ns == shown
+    m.kill()
+    m.start()
+    assert os.lstat(f).st_mtime_ns == shown
+
+
+def test_a_write_by_the_owner_keeps_its_mtime_when_the_file_is_given_away_before_its_flush(
+        export: Export, mount_factory: MountFactory) -> None:
+    """As above for a file's data: its owner (1001) writes, then root gives it to 1002
+    before the write reaches the server.  The writer is not the owner users see, so the
+    WRITE's batch ended with the mtime set as that owner (1002), which the server
+    refused (its owner was still 1001 until the chown got there): the server kept the
+    time of the WRITE.
+
+    f owned by 1001 on the server; as 1001: pwrite(f); chown(f, 1002); flush."""
+    (export.path / "f").write_bytes(b"old")
+    os.chown(export.path / "f", 1001, 1001)
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    dir_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def write() -> None:
+            fd = os.open("f", os.O_WRONLY, dir_fd=dir_fd)
+            try:
+                os.pwrite(fd, b"new", 0)
+            finally:
+                os.close(fd)
+        assert run_as(Who(1001, 1001), write).errno == 0
+    finally:
+        os.close(dir_fd)
+    os.chown(f, 1002, 1002)
+    shown = os.stat(f).st_mtime_ns
+    m.flush()
+    assert os.stat(f).st_mtime_ns == shown
+    assert os.stat(export.raw_path / "f").st_mtime_ns == shown

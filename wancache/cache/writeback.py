@@ -115,7 +115,7 @@ class WriteBack:
         """The flusher's hooks this layer answers (the caches' come in `others`)."""
         return FlushHooks(read_data=self._read_record, server_size=self._server_size,
                           flushing=self._flushing,
-                          local_attrs=self.attrs_of,
+                          local_attrs=self.attrs_of, server_attrs=self._server_attrs,
                           read_ours=functools.partial(self._read_local, ours_only=True),
                           bound=self._bound, renamed=self._renamed, done=self._done,
                           lost=self._lost, **others)
@@ -135,6 +135,11 @@ class WriteBack:
         if entry is None:
             raise OSError(errno.EIO, "no attributes for a node being changed")
         return self.shown(node, entry.attrs, entry.before_our_change)
+
+    def _server_attrs(self, node: Node) -> Fattr3 | None:
+        """A node's attributes as the server last showed them (None: not known)."""
+        entry = self.attrs.peek(node.fh)
+        return entry.attrs if entry is not None else None
 
     def release(self, node: Node) -> None:
         """The last open of `node` was closed (nothing to do: data is journaled)."""
