@@ -228,3 +228,29 @@ def test_a_write_by_the_owner_keeps_its_mtime_when_the_file_is_given_away_before
     m.flush()
     assert os.stat(f).st_mtime_ns == shown
     assert os.stat(export.raw_path / "f").st_mtime_ns == shown
+
+
+def test_replay_of_a_link_whose_name_was_renamed_away_does_not_bring_it_back(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None) -> None:
+    """A LINK, then a RENAME of its new name, both on the server but their records not
+    yet marked done (kill -9 within COMPLETE_EVERY of the flush): replay asked only
+    whether the LINK's name names the file (it does not: it was renamed away), sent the
+    LINK again, and the name came back on the server for good (the RENAME's name now
+    named the same file: a no-op).  A later create of that name here then met it as
+    another client's file (model checker, write-back, after kill -9: "conflict: .../a
+    was created on the server by another client", then mkdir a: EEXIST).
+
+    write_bytes(b); flush; link(b, a); rename(a, c); flush; kill -9 at once; remount;
+    flush."""
+    m = mount_factory(name="m")
+    (m.mountpoint / "b").write_bytes(b"x")
+    m.flush()
+    os.link(m.mountpoint / "b", m.mountpoint / "a")
+    os.rename(m.mountpoint / "a", m.mountpoint / "c")
+    m.flush()
+    m.kill()
+    m.start()
+    m.flush()
+    assert sorted(os.listdir(m.mountpoint)) == ["b", "c"]
+    assert sorted(os.listdir(export.raw_path)) == ["b", "c"]
+    assert os.stat(m.mountpoint / "b").st_nlink == 2
