@@ -254,3 +254,35 @@ def test_replay_of_a_link_whose_name_was_renamed_away_does_not_bring_it_back(
     assert sorted(os.listdir(m.mountpoint)) == ["b", "c"]
     assert sorted(os.listdir(export.raw_path)) == ["b", "c"]
     assert os.stat(m.mountpoint / "b").st_nlink == 2
+
+
+def test_a_new_file_given_away_before_its_flush_is_not_lost(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None) -> None:
+    """As above for a file 1001 creates and writes, given to 1002 by root before its
+    flush: its run (as 1001, not the owner users see) ended with its mode and mtime set
+    as 1002, which the server refused (its owner was still 1001): the run failed for
+    good and its data went to lost+found.
+
+    as 1001: write_bytes(f, mode 0640); chown(f, 1002); flush."""
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    dir_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def create() -> None:
+            fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=dir_fd)
+            try:
+                os.write(fd, b"data")
+            finally:
+                os.close(fd)
+        os.chmod(m.mountpoint, 0o777)
+        assert run_as(Who(1001, 1001), create).errno == 0
+    finally:
+        os.close(dir_fd)
+    os.chown(f, 1002, 1002)
+    shown = os.stat(f)
+    m.flush()
+    server = os.stat(export.raw_path / "f")
+    assert (export.raw_path / "f").read_bytes() == b"data"
+    assert (server.st_mode & 0o7777, server.st_uid) == (0o640, 1002)
+    assert server.st_mtime_ns == shown.st_mtime_ns
+    assert _lost_found(m.mountpoint.parent / "cache-m") == []
