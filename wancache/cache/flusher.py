@@ -82,6 +82,7 @@ CREATES = ("create", "mkdir", "symlink", "mknod")
 DATA = ("write", "setattr")
 NOW = -1                    # an attribute time meaning "now"
 Key = tuple[Any, ...]
+TREE: Key = ("tree",)       # written by every move of a directory to another one
 
 
 class Unresolvable(Exception):
@@ -204,6 +205,11 @@ def keys_of(c: Change) -> tuple[tuple[Key, ...], tuple[Key, ...], tuple[Node, ..
         if c.replaced is not None:
             writes += (("o", c.replaced),)
             nodes += (c.replaced,)
+        if node.is_dir and parent is not c.parent2:
+            # It changes which directories are in which: such moves go in their order
+            # (else one could reach the server before a move it needs, e.g. mv x/y y;
+            # mv x y/x, and be refused as moving a directory into itself).
+            writes += (TREE,)
         return (("o", parent), ("o", c.parent2), ("o", node)), writes, nodes
     return (), (("o", node),), (node,)
 
