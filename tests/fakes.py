@@ -497,9 +497,12 @@ class FakeNfs:
         def act(sinks: Sinks, fault: Fault | None) -> nfs3.RenameRes:
             src, dst = self._node(from_dir, "RENAME"), self._node(to_dir, "RENAME")
             sb, db = self._wcc(src), self._wcc(dst)
-            fh = src.children.pop(from_name, None)
+            fh = src.children.get(from_name)
             if fh is None:
                 raise NfsError(S.NFS3ERR_NOENT, "RENAME")
+            if self._below(fh, to_dir):      # a directory into itself (Linux: EINVAL)
+                raise NfsError(S.NFS3ERR_INVAL, "RENAME")
+            del src.children[from_name]
             old = dst.children.get(to_name)
             if old is not None and old != fh:    # the replaced name: one link less
                 gone = self.nodes[old]
@@ -516,6 +519,11 @@ class FakeNfs:
             sinks.append((to_dir, dst.attrs, db))
             return nfs3.RenameRes(S.NFS3_OK, WccData(sb, src.attrs), WccData(db, dst.attrs))
         return await self._rpc("RENAME", act)
+
+    def _below(self, top: bytes, fh: bytes) -> bool:
+        """Is `fh` the directory `top` or in its tree?"""
+        return fh == top or any(self._below(child, fh)
+                                for child in self.nodes[top].children.values())
 
     async def link(self, fh: bytes, dir_fh: bytes, name: bytes, cred: Cred) -> nfs3.LinkRes:
         def act(sinks: Sinks, fault: Fault | None) -> nfs3.LinkRes:

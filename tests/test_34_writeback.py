@@ -726,3 +726,24 @@ async def test_a_batch_retried_after_its_create_worked_does_not_create_again(
         await sync(store)
         assert list(fake.tree()) == ["big"]
         assert fake.applied["CREATE"] == 1 and stats(store).conflicts == 0
+
+
+async def test_a_directory_moved_into_one_just_moved_out_of_it_waits_for_that_move(
+        tmp_path: Path, allow_log_warnings: None) -> None:
+    """mv x/y y; mv x y/x: the second RENAME shares no name with the first, so the
+    flusher could send it first (here: the first meets a busy server and waits), when
+    y was still in x on the server: x into its own tree, refused (NFS3ERR_INVAL), the
+    change lost and the trees apart for good (model checker, writeback_delay=0: "could
+    not apply rename of .../a/g: NFS3ERR_INVAL in RENAME", then conflicts)."""
+    fake = FakeNfs()
+    fake.server_create("/x", is_dir=True)
+    fake.server_create("/x/y", is_dir=True)
+    async with stack(tmp_path, fake, "writeback_delay=60") as store:
+        x, _ = await store.lookup(store.root, b"x", ROOT)
+        y, _ = await store.lookup(x, b"y", ROOT)
+        await store.rename(x, b"y", store.root, b"y", ROOT)
+        await store.rename(store.root, b"x", y, b"x", ROOT)
+        fake.inject("RENAME", Fault.jukebox())         # the first is put off a while
+        await sync(store)
+        assert stats(store).lost == 0
+    assert fake.tree() == {"y": {"x": {}}}

@@ -600,12 +600,8 @@ def run_model(h: Harness, *, examples: int, steps: int, derandomize: bool = Fals
     print(f"{h.name}: {dict(h.counts)} notes {dict(h.notes)}")
 
 
-# Open (issue 13): with writeback_delay=1 s the CI-sized sequence finds a file whose
-# mtime comes back tens of ms off after kill -9 and remount (a data batch cut by the
-# kill, its final SETATTR not sent); the other checks pass.  Not strict: it passes
-# once that is fixed, and must then lose this mark.
-KNOWN = {"writeback": "after kill -9, a file's mtime can come back as the server's "
-                      "(open, issue 13)"}
+# Modes with a known open finding: a non-strict xfail each ({mode: why}); none now.
+KNOWN: dict[str, str] = {}
 CI_MODES = [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN[m], strict=False))
             if m in KNOWN else m for m in MODES]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.modelops import MOUNT_MODES
+from tests.asuser import Who, run_as
 from tests.conftest import Export, MountFactory
 
 
@@ -168,3 +169,120 @@ def test_unlinked_open_file_keeps_nlink_0_after_a_listing(
     finally:
         os.close(fd)
     m.flush()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dir"])
+def test_a_new_node_chowned_before_its_flush_keeps_its_mtime(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None,
+        kind: str) -> None:
+    """A FIFO (or directory) made here and given away (chown) before either reached
+    the server: after its MKNOD the flusher set the mtime users saw as the owner they
+    see (1002), but the server's owner was still the creator (root) until the chown
+    got there: EPERM, best effort, so the server kept the time of its MKNOD.  The mount
+    showed the local mtime until kill -9 and remount, then the server's (model
+    checker: "mtimes changed across kill -9 and remount: b/f: mtime ... (+0.073 s)").
+
+    mkfifo(f) (or mkdir); chown(f, 1002, 65534); flush; kill -9; remount."""
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    if kind == "fifo":
+        os.mkfifo(f, 0o644)
+    else:
+        f.mkdir(0o755)
+    os.chown(f, 1002, 65534)
+    shown = os.lstat(f).st_mtime_ns
+    m.flush()
+    assert os.lstat(f).st_mtime_ns == shown
+    assert os.lstat(export.raw_path / "f").st_mtime_ns == shown
+    m.kill()
+    m.start()
+    assert os.lstat(f).st_mtime_ns == shown
+
+
+def test_a_write_by_the_owner_keeps_its_mtime_when_the_file_is_given_away_before_its_flush(
+        export: Export, mount_factory: MountFactory) -> None:
+    """As above for a file's data: its owner (1001) writes, then root gives it to 1002
+    before the write reaches the server.  The writer is not the owner users see, so the
+    WRITE's batch ended with the mtime set as that owner (1002), which the server
+    refused (its owner was still 1001 until the chown got there): the server kept the
+    time of the WRITE.
+
+    f owned by 1001 on the server; as 1001: pwrite(f); chown(f, 1002); flush."""
+    (export.path / "f").write_bytes(b"old")
+    os.chown(export.path / "f", 1001, 1001)
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    dir_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def write() -> None:
+            fd = os.open("f", os.O_WRONLY, dir_fd=dir_fd)
+            try:
+                os.pwrite(fd, b"new", 0)
+            finally:
+                os.close(fd)
+        assert run_as(Who(1001, 1001), write).errno == 0
+    finally:
+        os.close(dir_fd)
+    os.chown(f, 1002, 1002)
+    shown = os.stat(f).st_mtime_ns
+    m.flush()
+    assert os.stat(f).st_mtime_ns == shown
+    assert os.stat(export.raw_path / "f").st_mtime_ns == shown
+
+
+def test_replay_of_a_link_whose_name_was_renamed_away_does_not_bring_it_back(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None) -> None:
+    """A LINK, then a RENAME of its new name, both on the server but their records not
+    yet marked done (kill -9 within COMPLETE_EVERY of the flush): replay asked only
+    whether the LINK's name names the file (it does not: it was renamed away), sent the
+    LINK again, and the name came back on the server for good (the RENAME's name now
+    named the same file: a no-op).  A later create of that name here then met it as
+    another client's file (model checker, write-back, after kill -9: "conflict: .../a
+    was created on the server by another client", then mkdir a: EEXIST).
+
+    write_bytes(b); flush; link(b, a); rename(a, c); flush; kill -9 at once; remount;
+    flush."""
+    m = mount_factory(name="m")
+    (m.mountpoint / "b").write_bytes(b"x")
+    m.flush()
+    os.link(m.mountpoint / "b", m.mountpoint / "a")
+    os.rename(m.mountpoint / "a", m.mountpoint / "c")
+    m.flush()
+    m.kill()
+    m.start()
+    m.flush()
+    assert sorted(os.listdir(m.mountpoint)) == ["b", "c"]
+    assert sorted(os.listdir(export.raw_path)) == ["b", "c"]
+    assert os.stat(m.mountpoint / "b").st_nlink == 2
+
+
+def test_a_new_file_given_away_before_its_flush_is_not_lost(
+        export: Export, mount_factory: MountFactory, allow_log_warnings: None) -> None:
+    """As above for a file 1001 creates and writes, given to 1002 by root before its
+    flush: its run (as 1001, not the owner users see) ended with its mode and mtime set
+    as 1002, which the server refused (its owner was still 1001): the run failed for
+    good and its data went to lost+found.
+
+    as 1001: write_bytes(f, mode 0640); chown(f, 1002); flush."""
+    m = mount_factory(name="m")
+    f = m.mountpoint / "f"
+    dir_fd = os.open(m.mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        def create() -> None:
+            fd = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640, dir_fd=dir_fd)
+            try:
+                os.write(fd, b"data")
+            finally:
+                os.close(fd)
+        os.chmod(m.mountpoint, 0o777)
+        assert run_as(Who(1001, 1001), create).errno == 0
+    finally:
+        os.close(dir_fd)
+    os.chown(f, 1002, 1002)
+    shown = os.stat(f)
+    m.flush()
+    server = os.stat(export.raw_path / "f")
+    assert (export.raw_path / "f").read_bytes() == b"data"
+    assert (server.st_mode & 0o7777, server.st_uid) == (0o640, 1002)
+    assert server.st_mtime_ns == shown.st_mtime_ns
+    assert _lost_found(m.mountpoint.parent / "cache-m") == []

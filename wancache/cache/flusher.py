@@ -78,10 +78,12 @@ BATCH_CHANGES = 4096        # changes in one batch at most
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 TRANSIENT = {Nfsstat3.NFS3ERR_JUKEBOX, Nfsstat3.NFS3ERR_SERVERFAULT, Nfsstat3.NFS3ERR_IO}
 STALE_ATTEMPTS = 3          # a handle still stale after this many tries is gone
+OWNER_ONLY = {Nfsstat3.NFS3ERR_PERM, Nfsstat3.NFS3ERR_ACCES}   # a SETATTR not as the owner
 CREATES = ("create", "mkdir", "symlink", "mknod")
 DATA = ("write", "setattr")
 NOW = -1                    # an attribute time meaning "now"
 Key = tuple[Any, ...]
+TREE: Key = ("tree",)       # written by every move of a directory to another one
 
 
 class Unresolvable(Exception):
@@ -112,6 +114,7 @@ class Change:
     mode_after: int | None = None      # ... and its permission bits
     base: str = ""                     # content version the change applies to
     replayed: bool = False             # from before a restart: maybe on the server
+    done_before: bool = False          # ... and replay found it there: not sent again
     local_refs: tuple[int, ...] = ()   # local ids its record names (kept until done)
 
 
@@ -154,6 +157,7 @@ class FlushHooks:
     flushing: Callable[[Node, str], Awaitable[None]]   # a batch will leave this version
     server_size: Callable[[Node], int]      # server's size under the node's pending data
     local_attrs: Callable[[Node], Fattr3]   # attributes as users here see them
+    server_attrs: Callable[[Node], Fattr3 | None]   # ... as the server last showed them
     read_ours: Callable[[Node, int, int], Awaitable[bytes]]       # the file, our version
     bound: Callable[[Node, bytes, Fattr3], Awaitable[None]]       # created on the server
     renamed: Callable[[Node, bytes], None]  # our new node lost its name to another's
@@ -202,6 +206,11 @@ def keys_of(c: Change) -> tuple[tuple[Key, ...], tuple[Key, ...], tuple[Node, ..
         if c.replaced is not None:
             writes += (("o", c.replaced),)
             nodes += (c.replaced,)
+        if node.is_dir and parent is not c.parent2:
+            # It changes which directories are in which: such moves go in their order
+            # (else one could reach the server before a move it needs, e.g. mv x/y y;
+            # mv x y/x, and be refused as moving a directory into itself).
+            writes += (TREE,)
         return (("o", parent), ("o", c.parent2), ("o", node)), writes, nodes
     return (), (("o", node),), (node,)
 
@@ -681,10 +690,8 @@ class Flusher:
                     for p in self._by_node.get(node, ())):
                 continue     # the last change of its names to be done sets it
             attrs = self._h.local_attrs(node)
-            owner = Cred(attrs.uid, attrs.gid, (attrs.gid,))
-            sent = trio.current_time()
             try:
-                res = await self._setattr(node, Sattr3(mtime=attrs.mtime), owner)
+                res, sent = await self._setattr_as_owner(node, Sattr3(mtime=attrs.mtime))
             except NfsError as exc:
                 log.debug("could not keep the mtime of %r: %s", node.path(), exc)
                 continue
@@ -862,6 +869,8 @@ class Flusher:
         c = p.change
         parent = c.parent
         assert parent is not None
+        if c.done_before:     # (its name may have been renamed or removed there since)
+            return
         sent = trio.current_time()
         try:
             res = await self.nodes.on(c.node, c.cred, lambda fh: self.client.link(
@@ -990,6 +999,29 @@ class Flusher:
         return await self.nodes.on(node, cred,
                                    lambda fh: self.client.setattr(fh, sattr, cred))
 
+    def _owners(self, node: Node) -> list[Cred]:
+        """Who may set `node`'s times on the server: its owner there, as the server
+        last showed it (our own chown of it may still wait: the owner users here see
+        cannot set them yet), then the owner users here see (if the former is stale)."""
+        owners: list[Cred] = []
+        for attrs in (self._h.server_attrs(node), self._h.local_attrs(node)):
+            if attrs is not None and all(o.uid != attrs.uid for o in owners):
+                owners.append(Cred(attrs.uid, attrs.gid, (attrs.gid,)))
+        return owners
+
+    async def _setattr_as_owner(self, node: Node,
+                                sattr: Sattr3) -> tuple[nfs3.SetattrRes, float]:
+        """SETATTR `sattr` as `node`'s owner (`_owners`); the reply and when it was sent."""
+        owners = self._owners(node)
+        for owner in owners:
+            sent = trio.current_time()
+            try:
+                return await self._setattr(node, sattr, owner), sent
+            except NfsError as exc:
+                if owner is owners[-1] or exc.status not in OWNER_ONLY:
+                    raise
+        raise AssertionError("a node has an owner")
+
     async def _final_setattr(self, node: Node, changes: list[Change],
                              cred: Cred) -> tuple[Fattr3 | None, float]:
         """One SETATTR with what the run changed: mode, owner, times.  What the server
@@ -1032,13 +1064,11 @@ class Flusher:
                        after: Fattr3 | None, sent: float) -> tuple[Fattr3 | None, float]:
         """Set the mtime (and mode) users saw as the file's owner: a writer who is not
         the owner may not set them on the server (best effort for the mtime)."""
-        attrs = self._h.local_attrs(node)
-        owner = Cred(attrs.uid, attrs.gid, (attrs.gid,))
         sattr = Sattr3(mode=mode,
                        mtime=NfsTime.from_ns(mtime) if mtime not in (None, NOW) else None)
         try:
-            sent = trio.current_time()
-            return (await self._setattr(node, sattr, owner)).obj_wcc.after, sent
+            res, sent = await self._setattr_as_owner(node, sattr)
+            return res.obj_wcc.after, sent
         except NfsError as exc:
             if mode is not None:
                 raise
