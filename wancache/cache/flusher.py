@@ -114,7 +114,6 @@ class Change:
     mode_after: int | None = None      # ... and its permission bits
     base: str = ""                     # content version the change applies to
     replayed: bool = False             # from before a restart: maybe on the server
-    done_before: bool = False          # ... and replay found it there: not sent again
     local_refs: tuple[int, ...] = ()   # local ids its record names (kept until done)
 
 
@@ -869,8 +868,6 @@ class Flusher:
         c = p.change
         parent = c.parent
         assert parent is not None
-        if c.done_before:     # (its name may have been renamed or removed there since)
-            return
         sent = trio.current_time()
         try:
             res = await self.nodes.on(c.node, c.cred, lambda fh: self.client.link(

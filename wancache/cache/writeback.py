@@ -523,10 +523,9 @@ class WriteBack:
         node, parent = self._node(op.node), self._node(op.parent)
         self._dir_entry(parent, op.name, node, op.seq, now)
         ov = self._touch(node, now, op.seq)
-        done = op.seq in self._done_on_server
-        if not done:                              # (else the server's nlink counts it)
+        if op.seq not in self._done_on_server:    # (else the server's nlink counts it)
             ov.attrs = replace(ov.attrs, nlink=ov.attrs.nlink + 1)
-        return replace(self._change(op, node, parent=parent, name=op.name), done_before=done)
+        return self._change(op, node, parent=parent, name=op.name)
 
     def _apply_remove(self, op: Op, now: NfsTime) -> Change | None:
         node, parent = self._node(op.node), self._node(op.parent)
@@ -809,16 +808,9 @@ class WriteBack:
         return decode_op(seq, self.journal.read_sync(seq, 0, PREFIX + n, verify=False), length)
 
     async def _found_done_all(self, ops: list[Op]) -> set[int]:
-        """The LINKs, REMOVEs, RMDIRs and RENAMEs among `ops` the server already has (the
-        lookups all in flight: over the WAN, one at a time took minutes).
-
-        A name's changes reach the server in journal order (the flusher orders changes
-        by the names they use), so the changes of a name before one the server surely
-        has are there too, although a lookup no longer shows it (a LINK whose name was
-        renamed away since: sent again, the name came back for good).  A REMOVE that
-        finds its name gone is not sure (an earlier change of the name may be missing)."""
+        """The LINKs, REMOVEs and RMDIRs among `ops` the server already has (the
+        lookups all in flight: over the WAN, one at a time took minutes)."""
         found: set[int] = set()
-        sure: set[int] = set()
         limiter = trio.CapacityLimiter(REPLAY_CALLS)
 
         async def check(op: Op) -> None:
@@ -826,65 +818,29 @@ class WriteBack:
                 try:
                     if await self._found_done(op):
                         found.add(op.seq)
-                        if op.kind in ("link", "rename"):
-                            sure.add(op.seq)
                 except Unresolvable:
                     pass
 
         async with trio.open_nursery() as nursery:
             for op in ops:
-                if op.kind in ("link", "remove", "rmdir", "rename"):
+                if op.kind in ("link", "remove", "rmdir"):
                     nursery.start_soon(check, op)
-        later: set[tuple[Node | str, bytes]] = set()    # names of changes surely there
-        for op in reversed(ops):
-            names = self._names_changed(op)
-            if later & names:
-                sure.add(op.seq)
-                if op.kind in ("link", "remove", "rmdir", "rename"):
-                    found.add(op.seq)
-            if op.seq in sure or op.kind == "touch":     # (a create its BIND proves)
-                later |= names
         return found
 
-    def _names_changed(self, op: Op) -> set[tuple[Node | str, bytes]]:
-        """(directory, name) of every name record `op` changes."""
-        pairs = [(op.parent, op.name)] if op.kind in (*CREATES, "link", "remove", "rmdir",
-                                                      "rename", "touch") else []
-        if op.kind == "rename":
-            pairs.append((op.parent2, op.name2))
-        names: set[tuple[Node | str, bytes]] = set()
-        for ref, name in pairs:
-            try:
-                names.add((self._node(ref), name))
-            except Unresolvable:
-                names.add((ref, name))
-        return names
-
     async def _found_done(self, op: Op) -> bool:
-        """Did this replayed LINK (REMOVE, RMDIR; RENAME) reach the server before the
-        crash?  Its name already names (no longer names) its node there (its new name
-        names it, its old one not).  Unknown: False."""
+        """Did this replayed LINK (REMOVE, RMDIR) reach the server before the crash?
+        Its name already names (no longer names) its node there.  Unknown: False."""
         node, parent = self._node(op.node), self._node(op.parent)
         if node.is_local or parent.is_local:
             return False
-        if op.kind == "rename":     # its node has its new name, not its old one
-            dst = self._node(op.parent2)
-            return not dst.is_local and (dst, op.name2) != (parent, op.name) and \
-                await self._names(dst, op.name2, node) is True and \
-                await self._names(parent, op.name, node) is False
-        same = await self._names(parent, op.name, node)
-        return same is True if op.kind == "link" else same is False
-
-    async def _names(self, parent: Node, name: bytes, node: Node) -> bool | None:
-        """Does `name` in `parent` name `node` on the server?  None: cannot tell;
-        False also if there is no such name."""
         try:
-            res = await self.nodes.client.lookup(parent.fh, name, Cred.root())
+            res = await self.nodes.client.lookup(parent.fh, op.name, Cred.root())
         except NfsError as exc:
-            return False if exc.status == Nfsstat3.NFS3ERR_NOENT else None
+            return exc.status == Nfsstat3.NFS3ERR_NOENT and op.kind != "link"
         except TransportError:
-            return None
-        return res.obj_attributes is not None and res.obj_attributes.fileid == node.fileid
+            return False
+        same = res.obj_attributes is not None and res.obj_attributes.fileid == node.fileid
+        return same if op.kind == "link" else not same
 
     async def _know_nodes(self, ops: list[Op]) -> list[Node]:
         """Nodes for every handle the records name (cached attributes, else GETATTR),
