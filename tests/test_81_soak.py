@@ -29,10 +29,6 @@ def soak(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(720)
-@pytest.mark.xfail(strict=False, reason=(
-    "open (issue 14): passes in most runs, but one CI run on 2026-12-02 lost a "
-    "directory's chmod and the removal of its files across the kill (cp -a round: "
-    "server mode 0700, want 0755; RMDIR then NOTEMPTY); see README, Soak"))
 def test_three_minute_soak_with_two_faults(tmp_path: Path) -> None:
     for tool in TOOLS:
         if shutil.which(tool) is None:
