@@ -1,7 +1,12 @@
 """Write-back against the fake server, driven by random namespace and data changes:
 what users see here, and what reaches the server once flushed, must be the same
 tree, and nothing may be taken for a conflict or refused (there is no other client).
-The flusher runs as fast as it can, so changes race with their own flushes."""
+The flusher runs as fast as it can, so changes race with their own flushes.
+
+As the model checker's, the default run is derandomized (the same examples every
+time, so a failure is a regression that reproduces); WANCACHE_MODEL_RANDOM=1
+explores new ones, WANCACHE_MODEL_EXAMPLES=N runs more.  Exploring still finds rare
+failures after crashes (README, Testing)."""
 
 from __future__ import annotations
 
@@ -123,6 +128,7 @@ async def apply(store: Store, rnd: random.Random, kind: str, *,
 
 
 @settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "60")), deadline=None,
+          derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 300))
 def test_random_changes_reach_the_server_as_seen_here(
@@ -146,6 +152,7 @@ def test_random_changes_reach_the_server_as_seen_here(
 
 
 @settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+          derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 120))
 def test_concurrent_changes_reach_the_server_as_seen_here(
@@ -190,6 +197,7 @@ def inject_fault(fake: FakeNfs, rnd: random.Random) -> None:
 
 
 @settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+          derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 300))
 def test_random_changes_reach_the_server_through_a_failing_link(
@@ -226,6 +234,7 @@ def test_random_changes_reach_the_server_through_a_failing_link(
 
 
 @settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+          derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 200), crashes=st.integers(1, 3))
 # Found by it: a replayed create's touch moved the version its file's later replayed
