@@ -196,7 +196,7 @@ def inject_fault(fake: FakeNfs, rnd: random.Random) -> None:
     fake.inject(proc, fault, times=rnd.randrange(1, 4))
 
 
-@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "12")), deadline=None,
           derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 300))
@@ -233,7 +233,7 @@ def test_random_changes_reach_the_server_through_a_failing_link(
     trio.run(run)
 
 
-@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "30")), deadline=None,
+@settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "12")), deadline=None,
           derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32), count=st.integers(5, 200), crashes=st.integers(1, 3))
