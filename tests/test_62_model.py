@@ -601,7 +601,11 @@ def run_model(h: Harness, *, examples: int, steps: int, derandomize: bool = Fals
 
 
 # Modes with a known open finding: a non-strict xfail each ({mode: why}); none now.
-KNOWN: dict[str, str] = {}
+KNOWN: dict[str, str] = {
+    "writeback_delay0": "open (issue 13): one CI run on 2026-12-02 found a chown lost "
+                        "across kill -9 and remount (b: uid 0 != 1001), not yet "
+                        "reproduced or understood; see README, Testing",
+}
 CI_MODES = [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN[m], strict=False))
             if m in KNOWN else m for m in MODES]
 
