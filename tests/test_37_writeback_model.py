@@ -74,6 +74,14 @@ def server_tree(fake: FakeNfs) -> dict[str, Any]:
     return norm(tree)
 
 
+def new_fake() -> FakeNfs:
+    """The fake server the random runs start from: directories a, b and a/x."""
+    fake = FakeNfs(latency=0.0005)
+    for d in ("a", "b", "a/x"):
+        fake.server_create(d, is_dir=True)
+    return fake
+
+
 async def apply(store: Store, rnd: random.Random, kind: str, *,
                 link_fails: bool = False) -> None:
     """One random change (`link_fails`: a call it needs may fail on the link)."""
@@ -135,9 +143,7 @@ def test_random_changes_reach_the_server_as_seen_here(
         tmp_path_factory: pytest.TempPathFactory, seed: int, count: int) -> None:
     async def run() -> None:
         tmp: Path = tmp_path_factory.mktemp("wbm")
-        fake = FakeNfs(latency=0.0005)
-        for d in ("a", "b", "a/x"):
-            fake.server_create(d, is_dir=True)
+        fake = new_fake()
         rnd = random.Random(seed)
         async with stack(tmp, fake, "writeback_delay=0") as store:
             for _ in range(count):
@@ -167,9 +173,7 @@ def test_concurrent_changes_reach_the_server_as_seen_here(
 
     async def run() -> None:
         tmp: Path = tmp_path_factory.mktemp("wbc")
-        fake = FakeNfs(latency=0.0005)
-        for d in ("a", "b", "a/x"):
-            fake.server_create(d, is_dir=True)
+        fake = new_fake()
         async with stack(tmp, fake, "writeback_delay=0") as store:
             async with trio.open_nursery() as nursery:
                 for i in range(4):
@@ -196,6 +200,16 @@ def inject_fault(fake: FakeNfs, rnd: random.Random) -> None:
     fake.inject(proc, fault, times=rnd.randrange(1, 4))
 
 
+async def faulty_step(store: Store, fake: FakeNfs, rnd: random.Random) -> None:
+    """Now and then a fault or the server going away (or back), then a random change."""
+    roll = rnd.random()
+    if roll < 0.15:
+        inject_fault(fake, rnd)
+    elif roll < 0.18:
+        fake.down = not fake.down
+    await apply(store, rnd, rnd.choice(KINDS[:-1]), link_fails=True)
+
+
 @settings(max_examples=int(os.environ.get("WANCACHE_MODEL_EXAMPLES", "12")), deadline=None,
           derandomize=not os.environ.get("WANCACHE_MODEL_RANDOM"),
           suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -209,18 +223,11 @@ def test_random_changes_reach_the_server_through_a_failing_link(
     (the soak saw a WRITE sent with a new file's placeholder handle: BADHANDLE)."""
     async def run() -> None:
         tmp: Path = tmp_path_factory.mktemp("wbf")
-        fake = FakeNfs(latency=0.0005)
-        for d in ("a", "b", "a/x"):
-            fake.server_create(d, is_dir=True)
+        fake = new_fake()
         rnd = random.Random(seed)
         async with stack(tmp, fake, "writeback_delay=0") as store:
             for _ in range(count):
-                roll = rnd.random()
-                if roll < 0.15:
-                    inject_fault(fake, rnd)
-                elif roll < 0.18:
-                    fake.down = not fake.down
-                await apply(store, rnd, rnd.choice(KINDS[:-1]), link_fails=True)
+                await faulty_step(store, fake, rnd)
                 await trio.sleep(rnd.choice((0, 0, 0.001, 0.01)))   # let the flusher run
             fake.clear_faults()
             fake.down = False
@@ -252,9 +259,7 @@ def test_random_changes_survive_crashes_on_a_failing_link(
     before it, and once flushed the server has it."""
     async def run() -> None:
         tmp: Path = tmp_path_factory.mktemp("wbk")
-        fake = FakeNfs(latency=0.0005)
-        for d in ("a", "b", "a/x"):
-            fake.server_create(d, is_dir=True)
+        fake = new_fake()
         rnd = random.Random(seed)
         seen: dict[str, Any] | None = None
         for life in range(crashes + 1):
@@ -264,12 +269,7 @@ def test_random_changes_survive_crashes_on_a_failing_link(
                     fake.down = False
                     assert await local_tree(store, store.root) == seen
                 for _ in range(count):
-                    roll = rnd.random()
-                    if roll < 0.15:
-                        inject_fault(fake, rnd)
-                    elif roll < 0.18:
-                        fake.down = not fake.down
-                    await apply(store, rnd, rnd.choice(KINDS[:-1]), link_fails=True)
+                    await faulty_step(store, fake, rnd)
                     await trio.sleep(rnd.choice((0, 0, 0.001, 0.01)))
                 fake.clear_faults()
                 fake.down = False
