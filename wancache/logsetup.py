@@ -10,6 +10,7 @@ level of wancache's loggers; `-o debug` adds one line per RPC.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import logging.handlers
 import os
@@ -32,7 +33,22 @@ def log_dir() -> Path:
     return Path(os.environ.get(LOG_DIR_ENV, "/var/log/wancache"))
 
 
+class DroppedReplies(logging.Filter):
+    """pyfuse3 logs an ERROR when a reply to the kernel fails.  ENOENT means the
+    kernel had dropped the request (the connection ended at an unmount, or its
+    caller was killed): nothing to act on, so it is logged as INFO."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "fuse_reply_* failed" in str(record.msg) and \
+                record.args == (os.strerror(errno.ENOENT),):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = record.msg.replace("fuse_reply_* failed with %s",
+                                            "the kernel had dropped the request (%s)")
+        return True
+
+
 def _install(handler: logging.Handler, cfg: Config) -> None:
+    logging.getLogger("pyfuse3").filters[:] = [DroppedReplies()]
     root = logging.getLogger()
     for old in root.handlers:
         with contextlib.suppress(Exception):

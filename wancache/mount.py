@@ -149,6 +149,16 @@ async def flush_before_exit(wb: WriteBack, cfg: Config) -> None:
                 cfg.cache_dir)
 
 
+async def _release_left_open(ops: Operations) -> None:
+    """Release what the kernel did not (within `UNMOUNT_FLUSH` seconds)."""
+    with trio.move_on_after(UNMOUNT_FLUSH):
+        left = await ops.release_all()
+        if left:
+            log.info("released %d files the kernel left open at the unmount", left)
+        return
+    log.warning("releasing the files left open at the unmount timed out")
+
+
 async def _root_attrs(client: NfsClient, saved: SavedState | None) -> Fattr3:
     """The export root's attributes (the saved ones if the server is away)."""
     try:
@@ -323,6 +333,7 @@ async def _serve_mounted(cfg: Config, client: NfsClient, blocks: BlockStore | No
             with trio.CancelScope(shield=True):
                 pyfuse3.close(unmount=True)
                 log.info("unmounted %s", cfg.mountpoint)
+                await _release_left_open(ops)
                 if parts.writeback is not None and parts.flusher is not None:
                     await flush_before_exit(parts.writeback, cfg)
                     await parts.flusher.stop()

@@ -25,6 +25,7 @@ Open flags, deliberately:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -436,6 +437,17 @@ class Operations(pyfuse3.Operations):
                 if hidden is not None:
                     parent, name, unlinker = hidden
                     await self.store.remove(parent, name, unlinker)
+
+    async def release_all(self) -> int:
+        """After the unmount: release every open the kernel never released (it drops
+        the RELEASEs still queued when the connection ends), so that their writes are
+        closed and their hidden names removed.  Returns how many there were."""
+        handles = list(self._files)
+        for fh in handles:
+            with contextlib.suppress(pyfuse3.FUSEError):   # fuse_handler logged it
+                await self.release(fh)
+        self._dirs.clear()
+        return len(handles)
 
     # -- directories ---------------------------------------------------------------
 
