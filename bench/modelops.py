@@ -1068,6 +1068,12 @@ def compare_trees(a: Path, b: Path, *, owners: bool = True,
     return diffs
 
 
+def hidden_paths(root: Path) -> set[str]:
+    """The hidden names of unlinked open files below `root` (relative paths)."""
+    return {p for p in _walk(Path(root), None)
+            if os.path.basename(p).startswith(SILLY_PREFIX)}
+
+
 def time_snapshot(root: Path, *, ignore: Callable[[str], bool] | None = hidden_on_mount,
                   dirs: bool = True) -> dict[str, tuple[int, int]]:
     """(mtime_ns, ctime_ns) of every entry below `root` but symlinks (and directories

@@ -29,11 +29,11 @@ def soak(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(720)
-def test_three_minute_soak_with_two_faults(tmp_path: Path) -> None:
+def test_two_minute_soak_with_two_faults(tmp_path: Path) -> None:
     for tool in TOOLS:
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed (scripts/bootstrap installs it)")
-    proc = soak("--minutes", "3", "--faults", "outage,kill", "--out", str(tmp_path),
+    proc = soak("--minutes", "2", "--faults", "outage,kill", "--out", str(tmp_path),
                 timeout=690)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     res = json.loads((tmp_path / "latest.json").read_text())
