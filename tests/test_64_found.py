@@ -4,7 +4,9 @@ real mount.  They fail until the lead fixes them (one test per bug)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -289,3 +291,29 @@ def test_a_new_file_given_away_before_its_flush_is_not_lost(
     assert (server.st_mode & 0o7777, server.st_uid) == (0o640, 1002)
     assert server.st_mtime_ns == shown.st_mtime_ns
     assert _lost_found(m.mountpoint.parent / "cache-m") == []
+
+
+@pytest.mark.parametrize("mode", ["writeback", "writeback_delay0"])
+def test_chmod_of_a_device_node_the_server_refuses_is_refused_at_the_syscall(
+        export: Export, mount_factory: MountFactory, mode: str) -> None:
+    """nfs-ganesha refuses (NFS3ERR_INVAL) a SETATTR of a device node whose first name
+    was removed while another link remains.  With write-back the chmod was
+    acknowledged, then refused when flushed: an ERROR in the log, the change lost
+    (model checker: "the daemon logged errors ... NFS3ERR_INVAL in SETATTR").  The
+    mode and owner of a device node go to the server before the call returns.
+
+    mknod(a, chr 1:3); link(a, b); unlink(a); chmod(b, 0600); chown(b, 1001)."""
+    m = mount_factory(MOUNT_MODES[mode], name="m")
+    a, b = m.mountpoint / "a", m.mountpoint / "b"
+    os.mknod(a, stat.S_IFCHR | 0o644, os.makedev(1, 3))
+    os.link(a, b)
+    os.unlink(a)
+    for change in (lambda: os.chmod(b, 0o600), lambda: os.chown(b, 1001, 1001)):
+        try:
+            change()
+        except OSError as exc:
+            assert exc.errno == errno.EINVAL
+    m.flush()
+    shown, there = os.lstat(b), os.lstat(export.raw_path / "b")
+    assert (stat.S_IMODE(shown.st_mode), shown.st_uid) == \
+        (stat.S_IMODE(there.st_mode), there.st_uid)

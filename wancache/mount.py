@@ -192,7 +192,8 @@ async def build(client: NfsClient, cfg: Config, nursery: trio.Nursery | None = N
     else:
         writes = WriteThrough(client, cfg, nodes, own)
     store = Store(client, cfg, nodes, attrs, own.dirs, data, own, writes, nursery,
-                  journaled=wb is not None)
+                  journaled=wb is not None,
+                  direct=WriteThrough(client, cfg, nodes, own) if wb is not None else None)
     if saved is not None:
         store.restore(saved)
     await store.probe_name_max()

@@ -22,9 +22,10 @@ import errno
 import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import trio
@@ -138,7 +139,8 @@ class Store:
 
     def __init__(self, client: NfsClient, cfg: Config, nodes: NodeTable, attrs: AttrCache,
                  dirs: DirCache, data: DataCache | None, own: OwnChanges, writes: WritePolicy,
-                 nursery: trio.Nursery | None = None, *, journaled: bool = False) -> None:
+                 nursery: trio.Nursery | None = None, *, journaled: bool = False,
+                 direct: WritePolicy | None = None) -> None:
         self.client = client
         self.cfg = cfg
         self.info = client.info
@@ -154,6 +156,9 @@ class Store:
         # Write-back acknowledges before the server sees a change: the store checks
         # what the server would check (names, existence) first.
         self.journaled = journaled
+        # Changes the server may refuse in ways the store cannot foresee go to it
+        # before the call returns (write-back: `_sent_at_once`).
+        self.direct = direct
         self._nursery = nursery
         self._listings: SingleFlight[bytes, Listing] = SingleFlight()
         self._prefetch_slots = trio.Semaphore(max(1, cfg.prefetch_concurrency))
@@ -438,11 +443,34 @@ class Store:
             forced = {}
             if "mode" in fields and cred.uid not in (0, current.uid):
                 forced["mode"] = fields.pop("mode")   # setuid/setgid a truncate cleared
-            if fields:
+            if fields and self._sent_at_once(current, fields):
+                current = await self._setattr_at_once(node, current, fields, cred)
+            elif fields:
                 current = await self.writes.setattr(node, fields, cred)
             if forced:
                 current = await self._force_mode(node, current, forced["mode"])
             return Attrs.of(current)
+
+    def _sent_at_once(self, current: Fattr3, fields: dict[str, int]) -> bool:
+        """The mode or owner of a device node: nfs-ganesha refuses (INVAL) them once
+        the name the node was made under is gone and another link remains, which
+        nothing here can tell; acknowledged and refused later, the change was lost."""
+        return self.direct is not None and current.type in (Ftype3.CHR, Ftype3.BLK) and \
+            not fields.keys().isdisjoint(("mode", "uid", "gid"))
+
+    async def _setattr_at_once(self, node: Node, shown: Fattr3, fields: dict[str, int],
+                               cred: Cred) -> Fattr3:
+        """SETATTR on the server now, after the node's pending changes.  Shown from
+        now on: the server's attributes with the mtime shown before (unless set) and
+        this change's ctime, as for every change made here (`OwnChanges.times`)."""
+        assert self.direct is not None
+        await self.writes.sync(node)
+        after = await self.direct.setattr(node, fields, cred)
+        local = replace(
+            after, ctime=nfs3.NfsTime.from_ns(time.time_ns()),
+            mtime=after.mtime if "mtime" in fields else shown.mtime)
+        self.own.times.keep(node.fh, local, after)
+        return local
 
     async def _force_mode(self, node: Node, current: Fattr3, mode: int) -> Fattr3:
         """Clear setuid/setgid as a write or truncate by someone else than the owner
